@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# TORCH pins the wheel that lies on the project machines' disk; override it elsewhere if you like,
+# e.g. `make demo TORCH=torch` (any torch >= 2.1 works).
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/dyninfer: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	@touch $@
+
+install: $(BIN)/dyninfer
+
+demo: $(BIN)/dyninfer
+	$(BIN)/dyninfer demo --out runs/demo
+
+test: $(BIN)/dyninfer
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info
