@@ -1,0 +1,481 @@
+"""SteppingNet (Sun et al., "SteppingNet: A Stepping Neural Network with Incremental Accuracy
+Enhancement"): nested subnets built by moving neurons between them by importance under MAC
+budgets, then retrained with distillation.
+
+Where things happen, by function:
+  * importance (Eq. 1-3) ............ :func:`importance`
+  * moving neurons under budgets .... :func:`move_neurons` (cascade rule of Fig. 5 in :func:`construct`)
+  * construction loop (Fig. 3) ...... :func:`construct`
+  * suppression + joint schedule .... :func:`train_step`
+  * retraining with KD (Eq. 4) ...... :meth:`SteppingNet.retrain`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dyninfer.data import ImageSet
+from dyninfer.nn.tagged import TaggedSequential
+
+SCHEDULES = ("joint", "sequential")
+
+
+@dataclass(frozen=True)
+class SteppingConfig:
+    """Every constant of the method; defaults are the paper's (Section III and IV)."""
+
+    alpha_growth: float = 1.5        # Eq. 3: alpha_1 = 1, alpha_{k+1} = 1.5 alpha_k
+    beta: float = 0.9                # learning-rate suppression beta^(j-i)
+    gamma: float = 0.4               # Eq. 4: gamma CE + (1 - gamma) KD
+    temperature: float = 1.0         # KD temperature
+    iterations: int = 300            # N_t: at most this many construction iterations
+    batches_per_iteration: int = 250  # m: batches every subnet trains per iteration
+    prune_threshold: float = 1e-5    # unstructured magnitude pruning after each iteration
+    schedule: str = "joint"          # "joint" (one pass trains all subnets) or "sequential" (paper)
+    suppression: bool = True         # ablation switch (Fig. 8)
+    distillation: bool = True        # ablation switch (Fig. 8)
+    importance_batches: int = 4      # batches used to estimate dL/dr before each move
+    min_channels: int = 1            # every layer keeps this many neurons in subnet 1
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    retrain_epochs: int = 10
+    retrain_lr: float = 0.01
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"beta must be in (0, 1], got {self.beta}")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.alpha_growth <= 0:
+            raise ValueError(f"alpha_growth must be > 0, got {self.alpha_growth}")
+        if self.retrain_epochs < 0:
+            raise ValueError(f"retrain_epochs must be >= 0, got {self.retrain_epochs}")
+
+
+def check_budgets(budgets: Sequence[float], num_subnets: int | None = None) -> list[float]:
+    """Budgets are fractions of the original network's MACs: strictly increasing, in (0, 1]."""
+    try:
+        values = [float(b) for b in budgets]
+    except (TypeError, ValueError):
+        raise ValueError(f"budgets must be a list of numbers, got {budgets!r}") from None
+    if not values:
+        raise ValueError("budgets must name at least one subnet, e.g. [0.1, 0.3, 0.5, 0.85]")
+    bad = [b for b in values if not (0 < b <= 1) or math.isnan(b)]
+    if bad:
+        raise ValueError(f"budgets must lie in (0, 1] (fractions of the original MACs); got {bad} in {values}")
+    if any(b >= c for b, c in zip(values, values[1:])):
+        raise ValueError(f"budgets must be strictly increasing, got {values}")
+    if num_subnets is not None and len(values) != num_subnets:
+        raise ValueError(f"got {len(values)} budgets for {num_subnets} subnets; give one budget per subnet")
+    return values
+
+
+# ---------------------------------------------------------------------------- losses and steps
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    from dyninfer.train import kd_loss as shared_kd_loss
+
+    return shared_kd_loss(student, teacher, temperature)
+
+
+def subnet_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+                config: SteppingConfig) -> torch.Tensor:
+    """CE, or Eq. 4: gamma CE + (1 - gamma) KL(teacher || subnet) when a teacher is given."""
+    ce = F.cross_entropy(logits, y)
+    if teacher_logits is None:
+        return ce
+    return config.gamma * ce + (1 - config.gamma) * kd_loss(logits, teacher_logits, config.temperature)
+
+
+def suppression_factors(config: SteppingConfig, num_subnets: int):
+    """Loss weights and per-tag gradient factors realising LR suppression beta^(j-i).
+
+    Sequential: training subnet j scales tag-i gradients by beta^(j-i). Joint: backpropagating
+    sum_j beta^j L_j once and scaling tag-i gradients by beta^(-i) gives, for tag-i weights,
+    sum_{j>=i} beta^(j-i) dL_j/dW exactly, since dL_j/dW = 0 for j < i (causal rule).
+    Returns (loss weights, factor(tags), decay(tags)) for the joint schedule.
+    """
+    beta = config.beta if config.suppression else 1.0
+    n = num_subnets
+    weights = [beta ** k for k in range(1, n + 1)]
+
+    def factor(tags: torch.Tensor) -> torch.Tensor:
+        return beta ** (-tags)
+
+    def decay(tags: torch.Tensor) -> torch.Tensor:  # sum_{j=i}^{N} beta^(j-i)
+        m = (n - tags + 1).clamp(min=0)
+        return m if beta == 1.0 else (1 - beta ** m) / (1 - beta)
+
+    return weights, factor, decay
+
+
+def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               config: SteppingConfig, teacher_logits: torch.Tensor | None = None) -> list[float]:
+    """One batch for every subnet (ascending), with weight-update suppression. Returns losses."""
+    n = net.num_subnets
+    wd = config.weight_decay
+    if config.schedule == "joint":
+        weights, factor, decay = suppression_factors(config, n)
+        optimizer.zero_grad(set_to_none=True)
+        out = net.forward_all(x, straight_through=True)
+        losses = [subnet_loss(lg, y, teacher_logits, config) for lg in out.logits]
+        sum(w * loss for w, loss in zip(weights, losses)).backward()
+        net.shape_gradients(factor, decay, wd)
+        optimizer.step()
+        return [float(loss) for loss in losses]
+    losses = []
+    beta = config.beta if config.suppression else 1.0
+    for j in range(1, n + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = subnet_loss(net(x, subnet=j, straight_through=True), y, teacher_logits, config)
+        loss.backward()
+        scale = lambda tags, j=j: beta ** (j - tags).clamp(min=0)  # noqa: E731
+        net.shape_gradients(scale, scale, wd)
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+def make_optimizer(net: nn.Module, lr: float, config: SteppingConfig) -> torch.optim.Optimizer:
+    # Weight decay is applied in shape_gradients, per tag, so the optimizer gets none.
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+
+
+# ---------------------------------------------------------------------------- importance
+def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               config: SteppingConfig) -> list[torch.Tensor]:
+    """Eq. 1-3: M_j = sum_{k >= tag_j} alpha_k |dL_k / dr_j| for every hidden neuron j.
+
+    r_j scales neuron j's pre-activation and is fixed to 1, so dL/dr_j = sum over batch and
+    positions of (dL/dz_j * z_j): one backward per subnet through the activations only.
+    """
+    n = net.num_subnets
+    alphas = [config.alpha_growth ** (k - 1) for k in range(1, n + 1)]
+    grads = [[torch.zeros(len(net.tags(i))) for i in range(net.num_hidden)] for _ in range(n)]
+    was_training = net.training
+    net.eval()  # running BN statistics: estimating importance must not change the model
+    try:
+        for x, y in batches:
+            out = net.forward_all(x, keep_preacts=True)
+            for k in range(n):
+                loss = F.cross_entropy(out.logits[k], y)
+                dz = torch.autograd.grad(loss, out.preacts, retain_graph=k < n - 1, allow_unused=True)
+                for i, (z, g, rows) in enumerate(zip(out.preacts, dz, out.rows)):
+                    if g is None:
+                        continue
+                    dims = [d for d in range(z.dim()) if d != 1]
+                    grads[k][i][rows] += (g * z).detach().sum(dim=dims).abs()
+    finally:
+        net.train(was_training)
+    scores = []
+    for i in range(net.num_hidden):
+        tags = net.tags(i)
+        score = torch.zeros(len(tags))
+        for k in range(1, n + 1):
+            score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][i], torch.zeros(()))
+        scores.append(score)
+    return scores
+
+
+# ---------------------------------------------------------------------------- moving neurons
+def _saving_estimates(net: TaggedSequential, layer: int, subnet: int) -> torch.Tensor:
+    """MACs subnet ``subnet`` saves if each neuron of ``layer`` left it (own row + its fan-out)."""
+    mask = net.weight_mask(layer)
+    in_ok = net.input_tags(layer) <= subnet
+    own = mask[:, in_ok].flatten(1).sum(1) * net.out_positions[layer]
+    nxt = layer + 1
+    nmask = net.weight_mask(nxt)
+    if nxt < net.num_hidden:
+        nmask = nmask[net.tags(nxt) <= subnet]
+        positions = net.out_positions[nxt]
+    else:
+        positions = 1
+    per_input = nmask.transpose(0, 1).flatten(1).sum(1)  # MACs per input feature of next layer
+    per_neuron = per_input.view(-1, net.in_repeat[nxt]).sum(1) * positions
+    return own + per_neuron
+
+
+def move_neurons(net: TaggedSequential, scores: list[torch.Tensor], subnet: int, amount: float,
+                 min_channels: int = 1) -> tuple[int, float]:
+    """Move the least important neurons of tag ``subnet`` to ``subnet + 1`` until the MACs they
+    take out of the subnet just exceed ``amount``. Returns (neurons moved, estimated MACs saved).
+
+    A moved neuron loses its synapses into the smaller subnet and gains those to its new peers;
+    both follow from the causal mask, and its pruned weights are revived (``set_tags``).
+    """
+    candidates = []
+    for i in range(net.num_hidden):
+        tags = net.tags(i)
+        idx = torch.nonzero(tags == subnet).squeeze(1)
+        if len(idx) == 0:
+            continue
+        saving = _saving_estimates(net, i, subnet)
+        for c in idx.tolist():
+            candidates.append((float(scores[i][c]), i, c, float(saving[c])))
+    candidates.sort()
+    kept = [int((net.tags(i) <= subnet).sum()) for i in range(net.num_hidden)]
+    moved: dict[int, list[int]] = {}
+    saved = 0.0
+    for _, i, c, saving in candidates:
+        if saved >= amount:
+            break
+        if kept[i] <= min_channels:
+            continue  # every subnet keeps min_channels neurons per layer: it must stay connected
+        moved.setdefault(i, []).append(c)
+        kept[i] -= 1
+        saved += saving
+    for i, channels in moved.items():
+        net.set_tags(i, torch.tensor(channels), subnet + 1)
+    return sum(len(c) for c in moved.values()), saved
+
+
+# ---------------------------------------------------------------------------- the face
+class SteppingNet(nn.Module):
+    """Nested subnets with incremental accuracy; subnet k+1 reuses all of subnet k's results."""
+
+    def __init__(self, net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
+                 config: SteppingConfig | None = None, history: dict | None = None):
+        super().__init__()
+        self.net = net
+        self.budgets = check_budgets(budgets, net.num_subnets)
+        self.reference_macs = int(reference_macs)
+        self.config = config or SteppingConfig()
+        self.history = history or {}
+
+    @property
+    def num_subnets(self) -> int:
+        return self.net.num_subnets
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.net.input_shape
+
+    def macs(self) -> list[int]:
+        """Exact MACs of each subnet (pruned weights excluded)."""
+        return self.net.macs_per_subnet()
+
+    def mac_fractions(self) -> list[float]:
+        """MACs of each subnet / MACs of the original (unexpanded) network."""
+        return [m / self.reference_macs for m in self.macs()]
+
+    def subnet_macs(self, input_shape=None, subnet=None) -> int:
+        return self.net.subnet_macs(input_shape, subnet)
+
+    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
+        return self.net(x, subnet)
+
+    def start(self, x: torch.Tensor, subnet: int = 1):
+        """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""
+        from dyninfer.runtime.session import Session
+
+        return Session(self.compact(), x, subnet)
+
+    def compact(self):
+        """The inference form: channels sorted by tag, dense per-step blocks, BN folded (cached)."""
+        from dyninfer.runtime.compaction import compact
+
+        key = _state_key(self.net)
+        if getattr(self, "_compact_key", None) != key:
+            self._compact, self._compact_key = compact(self.net), key
+        return self._compact
+
+    def retrain(self, train: ImageSet, teacher: nn.Module | None = None, *, epochs: int | None = None,
+                test: ImageSet | None = None, config: SteppingConfig | None = None) -> list[dict]:
+        """Eq. 4: retrain all subnets (ascending, with suppression) distilling from ``teacher``.
+
+        ``teacher`` is the original network; without it (or with distillation off) plain CE.
+        """
+        cfg = config or self.config
+        epochs = cfg.retrain_epochs if epochs is None else epochs
+        use_teacher = teacher if (cfg.distillation and teacher is not None) else None
+        if use_teacher is not None:
+            use_teacher.eval()
+        optimizer = make_optimizer(self.net, cfg.retrain_lr, cfg)
+        total = max(1, epochs * math.ceil(len(train) / cfg.batch_size))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        log = []
+        self.net.train()
+        for epoch in range(epochs):
+            start, losses = time.perf_counter(), []
+            batches = train.batches(cfg.batch_size, shuffle=True, augment=True, generator=generator)
+            for x, y in tqdm(batches, total=math.ceil(len(train) / cfg.batch_size), leave=False,
+                             disable=not cfg.progress, desc=f"retrain {epoch + 1}/{epochs}"):
+                t_logits = None
+                if use_teacher is not None:
+                    with torch.no_grad():
+                        t_logits = use_teacher(x)
+                losses.append(train_step(self.net, x, y, optimizer, cfg, t_logits))
+                scheduler.step()
+            entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - start,
+                     "loss": [sum(c) / len(c) for c in zip(*losses)]}
+            if test is not None:
+                entry["test_top1"] = self.evaluate(test)
+            log.append(entry)
+        self.net.eval()
+        self.history.setdefault("retrain", []).extend(log)
+        return log
+
+    @torch.no_grad()
+    def evaluate(self, data: ImageSet, batch_size: int = 512) -> list[float]:
+        """Top-1 accuracy of every subnet, from one pass of the largest (causal rule)."""
+        was_training = self.net.training
+        self.net.eval()
+        correct = [0] * self.num_subnets
+        for x, y in data.batches(batch_size):
+            for k, logits in enumerate(self.net.forward_all(x).logits):
+                correct[k] += int((logits.argmax(1) == y).sum())
+        self.net.train(was_training)
+        return [c / len(data) for c in correct]
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """safetensors (weights, tags, masks) + JSON (budgets, config, model, history)."""
+        from dyninfer import checkpoint
+
+        meta = {"kind": "stepping", "budgets": self.budgets, "reference_macs": self.reference_macs,
+                "num_subnets": self.num_subnets, "input_shape": list(self.input_shape),
+                "model": self.net.dyninfer_config, "config": asdict(self.config),
+                "history": self.history, **(extra or {})}
+        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        checkpoint.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteppingNet":
+        from dyninfer import checkpoint, models
+
+        tensors, meta = checkpoint.load(path)
+        if meta.get("kind") != "stepping":
+            raise ValueError(f"{path} is not a SteppingNet checkpoint (kind={meta.get('kind')!r})")
+        spec = meta["model"]
+        model = models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
+                              input_shape=tuple(spec["input_shape"]))
+        net = TaggedSequential(model, meta["num_subnets"], tuple(meta["input_shape"]))
+        net.load_state_dict(tensors)
+        net.eval()
+        return cls(net, meta["budgets"], meta["reference_macs"], SteppingConfig(**meta["config"]), meta.get("history"))
+
+
+def _state_key(net: nn.Module) -> tuple:
+    return tuple((k, v.data_ptr(), v._version) for k, v in net.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- construction
+def reference_macs_of(model: nn.Module) -> int:
+    """MACs of the original network: the same zoo model at expansion 1.0."""
+    from dyninfer import cost, models
+
+    spec = getattr(model, "dyninfer_config", None)
+    if not spec:
+        raise ValueError("cannot tell the original network of a model without dyninfer_config; "
+                         "pass reference_macs= (MACs of the unexpanded network)")
+    original = models.create(spec["name"], num_classes=spec["num_classes"], expansion=1.0,
+                             input_shape=tuple(spec["input_shape"]))
+    return cost.macs(original, tuple(spec["input_shape"]))
+
+
+def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], config: SteppingConfig | None = None,
+              *, reference_macs: int | None = None, validation: ImageSet | None = None) -> SteppingNet:
+    """Fig. 3: build N nested subnets from ``model`` (the width-expanded network).
+
+    Starts with subnet 1 = the whole network; each iteration trains every subnet m batches,
+    prunes, then moves the least important neurons of each over-budget subnet to the next one
+    (subnet N drops them). Budgets are fractions of the ORIGINAL network's MACs.
+    """
+    cfg = config or SteppingConfig()
+    budgets = check_budgets(budgets)
+    input_shape = tuple(getattr(model, "dyninfer_config", {}).get("input_shape", train.input_shape))
+    if tuple(train.input_shape) != input_shape:
+        raise ValueError(f"model was built for inputs {input_shape} but the data has {train.input_shape}")
+    reference = int(reference_macs) if reference_macs is not None else reference_macs_of(model)
+    torch.manual_seed(cfg.seed)
+    net = TaggedSequential(model, len(budgets), input_shape)
+    n = net.num_subnets
+    limits = [b * reference for b in budgets]
+    total = net.subnet_macs(subnet=n)
+    amount = max(total - limits[0], 0) / cfg.iterations  # MACs moved per subnet per iteration
+    optimizer = make_optimizer(net, cfg.lr, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stream = _endless(train, cfg.batch_size, generator)
+    history = {"iterations": [], "reference_macs": reference, "expanded_macs": total}
+    started = time.perf_counter()
+
+    def meets(macs):
+        return all(m <= lim for m, lim in zip(macs, limits))
+
+    bar = tqdm(range(cfg.iterations), disable=not cfg.progress, desc="construct")
+    for it in bar:
+        net.train()
+        losses = [train_step(net, *next(stream), optimizer, cfg) for _ in range(cfg.batches_per_iteration)]
+        net.prune(cfg.prune_threshold)
+        macs = net.macs_per_subnet()
+        entry = {"iteration": it + 1, "macs": [m / reference for m in macs],
+                 "loss": [sum(c) / len(c) for c in zip(*losses)]}
+        if meets(macs):
+            history["iterations"].append(entry)
+            break
+        entry["moved"] = _move_round(net, [next(stream) for _ in range(cfg.importance_batches)], cfg,
+                                     limits, amount)
+        history["iterations"].append(entry)
+        bar.set_postfix_str(" ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in zip(net.macs_per_subnet(), budgets)))
+    history["construction_seconds"] = time.perf_counter() - started
+
+    trims = 0
+    while not meets(net.macs_per_subnet()):  # N_t reached: finish the moves without training
+        moved = _move_round(net, [next(stream) for _ in range(cfg.importance_batches)], cfg, limits, amount)
+        trims += 1
+        if sum(moved) == 0:
+            raise RuntimeError(
+                f"budgets {budgets} cannot be met: subnet MAC fractions are stuck at "
+                f"{[round(m / reference, 4) for m in net.macs_per_subnet()]} with min_channels={cfg.min_channels}"
+            )
+    if trims:
+        warnings.warn(f"construction reached N_t={cfg.iterations} iterations before every budget was met; "
+                      f"{trims} further move rounds were made without training", stacklevel=2)
+    history["trim_rounds"] = trims
+    net.eval()
+    return SteppingNet(net, budgets, reference, cfg, history)
+
+
+def _move_round(net: TaggedSequential, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
+    """One round of moves for every subnet over budget, with the cascade rule of Fig. 5."""
+    scores = importance(net, batches, cfg)
+    moved = []
+    for i in range(1, net.num_subnets + 1):
+        macs = net.macs_per_subnet()
+        over = macs[i - 1] > limits[i - 1]
+        # Subnet i starts passing neurons on only once its own increment exceeds its budget's.
+        allowed = i == 1 or macs[i - 1] - macs[i - 2] > limits[i - 1] - limits[i - 2]
+        count = 0
+        if over and allowed:
+            count, _ = move_neurons(net, scores, i, amount, cfg.min_channels)
+        moved.append(count)
+    return moved
+
+
+def _endless(data: ImageSet, batch_size: int, generator: torch.Generator):
+    while True:
+        yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=len(data) >= batch_size)
+
+
+__all__ = ["SteppingConfig", "SteppingNet", "construct", "importance", "move_neurons", "train_step",
+           "check_budgets", "suppression_factors"]
