@@ -141,7 +141,7 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
         sum(w * loss for w, loss in zip(weights, losses)).backward()
         net.shape_gradients(factor, decay, wd)
         optimizer.step()
-        return [float(loss) for loss in losses]
+        return [float(loss.detach()) for loss in losses]
     losses = []
     beta = config.beta if config.suppression else 1.0
     for j in range(1, n + 1):
@@ -151,7 +151,7 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
         scale = lambda tags, j=j: beta ** (j - tags).clamp(min=0)  # noqa: E731
         net.shape_gradients(scale, scale, wd)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -1,0 +1,77 @@
+"""Export a subnet as a standalone dense module: plain torch layers, no masks, no dyninfer needed.
+
+Built the once-for-all way (``get_active_subnet(preserve_weight=True)``): static layers of the
+subnet's exact shapes with the sliced, BatchNorm-folded weights copied in.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def _compact_of(net):
+    from dyninfer.nn.tagged import TaggedSequential
+    from dyninfer.runtime.compaction import CompactNet, compact
+
+    if isinstance(net, CompactNet):
+        return net
+    if hasattr(net, "compact"):
+        return net.compact()
+    if isinstance(net, TaggedSequential):
+        return compact(net)
+    raise TypeError(f"cannot export a {type(net).__name__}; expected a SteppingNet, TaggedSequential or CompactNet")
+
+
+@torch.no_grad()
+def subnet(net, k: int) -> nn.Sequential:
+    """Subnet ``k`` (1-based) of an incremental network as a dense ``nn.Sequential``."""
+    cnet = _compact_of(net)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cnet.num_subnets:
+        raise ValueError(f"k must be an int in 1..{cnet.num_subnets}, got {k!r}")
+    modules: list[nn.Module] = []
+    for layer in cnet.layers:
+        weight, bias = layer.prefix_weights[k - 1], layer.prefix_biases[k - 1]
+        if layer.kind == "conv":
+            dense = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), stride=layer.stride,
+                              padding=layer.padding, dilation=layer.dilation)
+        else:
+            dense = nn.Linear(weight.shape[1], weight.shape[0])
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias)
+        modules.append(dense)
+        if layer.post is not None:
+            modules.extend(copy.deepcopy(list(layer.post)))
+    weight = cnet.classifier_prefix[k - 1]
+    classifier = nn.Linear(weight.shape[1], weight.shape[0], bias=cnet.classifier_bias is not None)
+    classifier.weight.copy_(weight)
+    if cnet.classifier_bias is not None:
+        classifier.bias.copy_(cnet.classifier_bias)
+    modules.append(classifier)
+    return nn.Sequential(*modules).eval()
+
+
+def torchscript(net, k: int, path: str | Path | None = None) -> torch.jit.ScriptModule:
+    """TorchScript of subnet ``k`` (frozen); saved to ``path`` when given."""
+    module = subnet(net, k)
+    example = torch.zeros(1, *_compact_of(net).input_shape)
+    scripted = torch.jit.freeze(torch.jit.trace(module, example).eval())
+    if path is not None:
+        scripted.save(str(path))
+    return scripted
+
+
+def onnx(net, k: int, path: str | Path) -> Path:
+    """ONNX file of subnet ``k`` (needs the optional ``onnx`` extra)."""
+    try:
+        import onnx as _onnx  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("ONNX export needs the optional extra: pip install 'dyninfer[onnx]'") from None
+    module = subnet(net, k)
+    example = torch.zeros(1, *_compact_of(net).input_shape)
+    torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return Path(path)

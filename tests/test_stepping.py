@@ -1,0 +1,286 @@
+"""SteppingNet: the causal rule, incremental stepping, importance, moves, suppression, construction."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dyninfer import export
+from dyninfer.methods.stepping import (
+    SteppingConfig, check_budgets, construct, importance, move_neurons, suppression_factors, train_step,
+)
+from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.runtime.compaction import compact
+
+SHAPE = (1, 8, 8)
+
+
+def toy_model(seed: int = 0, bn: bool = True) -> nn.Sequential:
+    torch.manual_seed(seed)
+    norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), norm(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), norm(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 10))
+
+
+def random_tags(net: TaggedSequential, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for i in range(net.num_hidden):
+        tags = torch.randint(1, net.num_subnets + 2, net.tags(i).shape, generator=g)
+        tags[0] = 1  # subnet 1 keeps a neuron in every layer
+        net.tags(i).copy_(tags)
+
+
+def warm_bn(net: TaggedSequential, x: torch.Tensor) -> None:
+    net.train()
+    with torch.no_grad():
+        for k in range(1, net.num_subnets + 1):
+            net(x, subnet=k)
+    net.eval()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), num_subnets=st.integers(1, 4), batch=st.integers(1, 5))
+def test_step_equals_scratch_for_random_tags(seed, num_subnets, batch):
+    net = TaggedSequential(toy_model(seed % 7), num_subnets, SHAPE)
+    random_tags(net, seed)
+    x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    warm_bn(net, torch.randn(8, *SHAPE))
+    run = compact(net).start(x)
+    joint = net.forward_all(x).logits
+    for k in range(1, num_subnets + 1):
+        scratch = net(x, subnet=k)
+        torch.testing.assert_close(run.logits, scratch, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(joint[k - 1], scratch, atol=1e-5, rtol=1e-5)
+        if run.can_step():
+            run.step()
+
+
+def test_larger_subnet_never_changes_smaller_one():
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    random_tags(net, 3)
+    net.eval()
+    x = torch.randn(4, *SHAPE)
+    before = [net(x, subnet=k) for k in (1, 2, 3)]
+    with torch.no_grad():  # perturb every weight owned by subnet 3 (rows with tag 3)
+        for i in range(net.num_hidden):
+            net.layers[i].weight[net.tags(i) == 3] += 5.0
+    after = [net(x, subnet=k) for k in (1, 2, 3)]
+    torch.testing.assert_close(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1])
+    assert not torch.allclose(before[2], after[2])
+
+
+def test_step_down_returns_earlier_logits_exactly():
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    random_tags(net, 5)
+    net.eval()
+    run = compact(net).start(torch.randn(2, *SHAPE))
+    first = run.logits.clone()
+    run.step()
+    second = run.logits.clone()
+    run.step()
+    assert torch.equal(run.step_down(), second)
+    assert torch.equal(run.step_down(), first)
+    assert run.subnet == 1
+    assert torch.equal(run.step(), second)  # reuses the cache, no recomputation
+    with pytest.raises(RuntimeError):
+        run.step_down(), run.step_down()
+
+
+def test_dl_dr_matches_finite_difference():
+    torch.manual_seed(1)
+    net = TaggedSequential(toy_model(bn=True), 1, SHAPE).double()
+    warm_bn(net, torch.randn(16, *SHAPE, dtype=torch.float64))
+    x, y = torch.randn(6, *SHAPE, dtype=torch.float64), torch.randint(0, 10, (6,))
+    cfg = SteppingConfig(alpha_growth=1.5)
+    scores = importance(net, [(x, y)], cfg)
+    layer, channel, eps = 1, 3, 1e-6
+    bn = net.norms[layer]
+
+    def loss_at(r):  # r scales the neuron's pre-activation (BN output) by scaling BN's affine part
+        with torch.no_grad():
+            w, b = bn.weight[channel].item(), bn.bias[channel].item()
+            bn.weight[channel], bn.bias[channel] = w * r, b * r
+            loss = F.cross_entropy(net(x), y).item()
+            bn.weight[channel], bn.bias[channel] = w, b
+        return loss
+
+    fd = (loss_at(1 + eps) - loss_at(1 - eps)) / (2 * eps)
+    assert abs(fd) > 1e-6
+    assert scores[layer][channel].item() == pytest.approx(abs(fd), rel=1e-4)
+
+
+def test_importance_weights_larger_subnets_by_alpha():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    net.eval()
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+    a = importance(net, [(x, y)], SteppingConfig(alpha_growth=1.0))
+    b = importance(net, [(x, y)], SteppingConfig(alpha_growth=3.0))
+    # All neurons have tag 1, so M = |g1| + alpha_2 |g2|, and g2 = g1 here (subnet 2 == subnet 1).
+    torch.testing.assert_close(b[0], a[0] * 2.0, rtol=1e-4, atol=1e-7)
+
+
+def test_moving_a_neuron_removes_forbidden_synapses_and_revives_pruned_ones():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    with torch.no_grad():
+        net.layers[0].weight[2, 0, 0, 0] = 0.0  # a pruned weight of neuron 2 in layer 0
+    net.prune(1e-5)
+    assert not net.alive(0)[2, 0, 0, 0]
+    before = net.weight_mask(1).clone()
+    scores = [torch.arange(len(net.tags(i)), dtype=torch.float) + 1 for i in range(net.num_hidden)]
+    scores[0][2] = 0.0  # least important neuron overall
+    moved, saved = move_neurons(net, scores, subnet=1, amount=1)
+    assert moved == 1 and net.tags(0)[2] == 2 and saved > 0
+    after = net.weight_mask(1)
+    # layer 1's tag-1 neurons lost exactly their synapses from neuron 2; nothing else changed
+    changed = (before != after).nonzero()
+    assert set(changed[:, 1].tolist()) == {2}
+    assert (after[:, 2] == (net.tags(1) >= 2).view(-1, 1, 1)).all()
+    assert net.alive(0)[2].all()  # revived
+
+
+def test_move_keeps_min_channels():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    scores = [torch.zeros(len(net.tags(i))) for i in range(net.num_hidden)]
+    move_neurons(net, scores, subnet=1, amount=float("inf"), min_channels=2)
+    assert [int((net.tags(i) == 1).sum()) for i in range(net.num_hidden)] == [2, 2, 2]
+
+
+def per_subnet_gradients(net, x, y, cfg):
+    """Reference: the suppression-weighted sum of separately computed per-subnet gradients."""
+    beta = cfg.beta if cfg.suppression else 1.0
+    total = {name: torch.zeros_like(p) for name, p in net.named_parameters()}
+    owner = {id(p): (tags, dim) for p, tags, dim in net.param_tags()}
+    for j in range(1, net.num_subnets + 1):
+        net.zero_grad()
+        F.cross_entropy(net(x, subnet=j), y).backward()
+        for name, p in net.named_parameters():
+            tags, dim = owner[id(p)]
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            f = beta ** (j - tags.double()).clamp(min=0)
+            total[name] += p.grad * (f.view(shape) if tags.numel() > 1 else f)
+    return total
+
+
+@pytest.mark.parametrize("suppression", [True, False])
+def test_joint_gradient_equals_weighted_sum_of_subnet_gradients(suppression):
+    net = TaggedSequential(toy_model(), 3, SHAPE).double()
+    random_tags(net, 11)
+    net.train()
+    x, y = torch.randn(8, *SHAPE, dtype=torch.float64), torch.randint(0, 10, (8,))
+    cfg = SteppingConfig(suppression=suppression, weight_decay=0.0)
+    expected = per_subnet_gradients(net, x, y, cfg)
+    weights, factor, decay = suppression_factors(cfg, net.num_subnets)
+    net.zero_grad()
+    out = net.forward_all(x)
+    sum(w * F.cross_entropy(lg, y) for w, lg in zip(weights, out.logits)).backward()
+    net.shape_gradients(factor)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_joint_weight_decay_sums_the_sequential_decays():
+    cfg = SteppingConfig(beta=0.5)
+    _, _, decay = suppression_factors(cfg, 3)
+    assert decay(torch.tensor([1.0, 2.0, 3.0])).tolist() == pytest.approx([1.75, 1.5, 1.0])
+
+
+def test_sequential_and_joint_schedules_both_train():
+    x, y = torch.randn(32, *SHAPE), torch.randint(0, 10, (32,))
+    for schedule in ("joint", "sequential"):
+        net = TaggedSequential(toy_model(), 2, SHAPE)
+        net.train()
+        cfg = SteppingConfig(schedule=schedule, lr=0.05)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        first = train_step(net, x, y, opt, cfg)
+        for _ in range(15):
+            last = train_step(net, x, y, opt, cfg)
+        assert len(first) == 2 and all(b < a for a, b in zip(first, last)), schedule
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ([0.5, 0.3], "strictly increasing"),
+    ([0.0, 0.5], "(0, 1]"),
+    ([0.5, 1.2], "(0, 1]"),
+    ([], "at least one"),
+    (["a"], "numbers"),
+])
+def test_bad_budgets_give_clear_errors(budgets, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        check_budgets(budgets)
+
+
+def test_budget_count_must_match_subnets():
+    with pytest.raises(ValueError, match="3 budgets for 2 subnets"):
+        check_budgets([0.1, 0.2, 0.3], num_subnets=2)
+
+
+def test_bad_subnet_and_input_shape():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    with pytest.raises(ValueError, match="subnet must be an int in 1..2"):
+        net(torch.randn(1, *SHAPE), subnet=3)
+    with pytest.raises(ValueError, match=r"expected input of shape \(batch, 1, 8, 8\)"):
+        net(torch.randn(1, 3, 8, 8))
+
+
+def synthetic_set(n=192, seed=0):
+    from dyninfer.data import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    base = torch.zeros(4, 1, 8, 8)
+    for c in range(4):
+        base[c, 0, (c // 2) * 4:(c // 2) * 4 + 4, (c % 2) * 4:(c % 2) * 4 + 4] = 200
+    images = (base[labels] + torch.rand(n, 1, 8, 8, generator=g) * 55).to(torch.uint8)
+    return ImageSet(images, labels, 10, "toy")
+
+
+def test_construct_meets_budgets_and_obeys_causal_rule():
+    model = toy_model()
+    data = synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False)
+    budgets = [0.3, 0.6, 0.9]
+    net = construct(model, data, budgets, cfg, reference_macs=full)
+    fractions = net.mac_fractions()
+    assert all(f <= b for f, b in zip(fractions, budgets)), fractions
+    assert all(a < b for a, b in zip(fractions, fractions[1:])), fractions
+    t = net.net
+    for i in range(t.num_hidden):  # no neuron reads a neuron of a larger subnet
+        w = (t.layers[i].weight * t.weight_mask(i)).abs()
+        w = w.flatten(2).sum(2) if w.dim() > 2 else w
+        reads_larger = t.input_tags(i).unsqueeze(0) > t.tags(i).unsqueeze(1)
+        assert (w[reads_larger] == 0).all()
+    assert net.history["iterations"], "construction ran no iteration"
+
+
+def test_export_matches_library_and_loads_without_dyninfer(tmp_path):
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    random_tags(net, 2)
+    warm_bn(net, torch.randn(8, *SHAPE))
+    x = torch.randn(3, *SHAPE)
+    for k in (1, 2, 3):
+        dense = export.subnet(net, k)
+        assert all(type(m).__module__.startswith("torch.nn") for m in dense.modules())
+        torch.testing.assert_close(dense(x), net(x, subnet=k), atol=1e-5, rtol=1e-5)
+    path = tmp_path / "sub2.pt"
+    export.torchscript(net, 2, path)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(net(x, subnet=2).detach(), tmp_path / "y.pt")
+    code = (
+        "import sys, torch\n"
+        f"m = torch.jit.load(r'{path}')\n"
+        f"x = torch.load(r'{tmp_path / 'x.pt'}'); y = torch.load(r'{tmp_path / 'y.pt'}')\n"
+        "assert 'dyninfer' not in sys.modules\n"
+        "assert torch.allclose(m(x), y, atol=1e-5), (m(x) - y).abs().max()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
