@@ -2,8 +2,14 @@
 
 One set of weights holds many sub-networks; a device runs the one that fits the resources
 it has now and, for incremental networks, steps up to a larger one reusing what it computed.
+
+    import dyninfer as dy
+    train, test = dy.data.load("digits")
+    model = dy.models.create("lenet-3c1l", num_classes=10, expansion=1.8, input_shape=train.input_shape)
+    net = dy.stepping.construct(model, train, budgets=[0.10, 0.30, 0.50, 0.85])
 """
 
-from dyninfer import data  # noqa: F401  (other submodules are added as they land)
+from dyninfer import cost, data, export, models, report, train  # noqa: F401
+from dyninfer.methods import stepping  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Reports: markdown and JSON tables, written next to the run that produced them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """What a number was measured on: CPU, threads, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def subnet_table(accuracies: Sequence[float], fractions: Sequence[float], original: float | None = None,
+                 budgets: Sequence[float] | None = None) -> tuple[str, dict]:
+    """Table-I style: original accuracy, then A_k and M_k/M_t for each subnet (percent)."""
+    headers = ["", "original"] + [f"subnet {k}" for k in range(1, len(accuracies) + 1)]
+    acc_row = ["accuracy A_k (%)", "-" if original is None else f"{100 * original:.2f}"]
+    acc_row += [f"{100 * a:.2f}" for a in accuracies]
+    mac_row = ["MACs M_k/M_t (%)", "100.00"] + [f"{100 * f:.2f}" for f in fractions]
+    rows = [acc_row, mac_row]
+    if budgets is not None:
+        rows.append(["budget (%)", "-"] + [f"{100 * b:.2f}" for b in budgets])
+    data = {"original_accuracy": original, "accuracy": list(accuracies), "mac_fraction": list(fractions),
+            "budgets": None if budgets is None else list(budgets)}
+    return markdown_table(headers, rows), data
+
+
+def write(out: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    """Write ``stem.md`` and ``stem.json`` in ``out`` (atomically, temp file + rename)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{stem}.md", out / f"{stem}.json"
+    for path, text in zip(paths, (markdown + "\n", json.dumps(data, indent=2, default=str) + "\n")):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return paths
