@@ -1,0 +1,576 @@
+"""Training: one short loop (:func:`fit`) that methods extend through callbacks and ``loss_fn``.
+
+``fit`` handles what every method needs and none should copy: optimizer and LR schedule,
+seeded data order, progress, per-epoch metrics, atomic checkpoints with exact resume, and
+DistributedDataParallel under ``torchrun``. Methods plug in a ``loss_fn`` (e.g. Eq. 4 of
+SteppingNet via :func:`kd_loss`) and callbacks (e.g. scaling gradients after backward).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dyninfer import checkpoint as ckpt
+from dyninfer.data import ImageSet
+
+__all__ = ["TrainConfig", "TrainerState", "kd_loss", "evaluate", "fit", "lr_factor", "make_optimizer"]
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[nn.Module, Tensor], Tensor]
+LossFn = Callable[[nn.Module, Tensor, Tensor], "Tensor | dict[str, Tensor]"]
+
+# Fields that may change between a run and its resumption without breaking it.
+_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_size"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``lr=None`` picks 0.05 for SGD and 1e-3 for Adam.
+
+    ``schedule`` is applied per epoch: "cosine" anneals to 0 over ``epochs``; "step" multiplies
+    the LR by ``step_gamma`` at each of ``step_milestones`` (fractions of ``epochs``); "none"
+    keeps it constant. ``log_every`` is how many steps pass between reads of the loss for the
+    progress bar (each read syncs with the GPU). ``find_unused_parameters`` is passed to
+    DistributedDataParallel; set it when a step leaves some parameters unused (one subnet).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_milestones: tuple[float, ...] = (0.5, 0.75)
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    augment: bool = True
+    drop_last: bool = False
+    seed: int = 0
+    eval_batch_size: int = 512
+    log_every: int = 50
+    progress: bool = True
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name} must be {accepted}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an int >= 1")
+        if not is_int(self.seed):
+            raise bad("seed", "an int")
+        for name in ("nesterov", "augment", "drop_last", "progress", "find_unused_parameters"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if self.optimizer not in ("sgd", "adam"):
+            raise bad("optimizer", "'sgd' or 'adam'")
+        if self.lr is None:
+            object.__setattr__(self, "lr", 0.05 if self.optimizer == "sgd" else 1e-3)
+        if not is_num(self.lr) or self.lr <= 0:
+            raise bad("lr", "a number > 0 (or None for the optimizer's default)")
+        if not is_num(self.momentum) or not 0 <= self.momentum < 1:
+            raise bad("momentum", "a number in [0, 1)")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("TrainConfig.nesterov=True needs momentum > 0 with SGD; got momentum=0 "
+                             "(set nesterov=False or momentum in (0, 1))")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "a number >= 0")
+        if self.schedule not in ("cosine", "step", "none"):
+            raise bad("schedule", "'cosine', 'step' or 'none'")
+        try:
+            milestones = tuple(float(m) for m in self.step_milestones)
+        except (TypeError, ValueError):
+            raise bad("step_milestones", "a sequence of fractions of epochs in (0, 1]") from None
+        if (any(not (0 < m <= 1) for m in milestones)
+                or any(b <= a for a, b in zip(milestones, milestones[1:]))):
+            raise bad("step_milestones", "strictly increasing fractions of epochs in (0, 1]")
+        object.__setattr__(self, "step_milestones", milestones)
+        if not is_num(self.step_gamma) or not 0 < self.step_gamma <= 1:
+            raise bad("step_gamma", "a number in (0, 1]")
+        if not is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            raise bad("label_smoothing", "a number in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["step_milestones"] = list(self.step_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainerState:
+    """What callbacks see. ``model`` is the bare module (also under DDP); ``wrapped`` is what
+    the forward pass goes through (the DDP wrapper, or ``model``). ``epoch`` is the 0-based
+    epoch in progress and ``batch_index`` the batch within it; ``step`` counts optimizer steps
+    over the whole run; ``metrics`` is the epoch's record (callbacks may add to it in
+    ``on_epoch_end``, before it is written); ``loss`` is the last
+    batch's loss, detached (a tensor: reading it with ``.item()`` syncs the GPU)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    wrapped: nn.Module
+    epoch: int = 0
+    step: int = 0
+    batch_index: int = 0
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Knowledge distillation: KL(teacher || student) on softened outputs, x T^2, batch mean.
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    The teacher is detached: gradients flow into the student only.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() < 2:
+        raise ValueError("student and teacher logits must have the same shape (N, classes, ...); got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * (temperature * temperature)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512, forward: Forward | None = None) -> dict[str, Any]:
+    """Top-1/top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``data``.
+
+    Runs in eval mode without gradients and restores the previous mode. ``forward(model, x)``
+    picks what to run (e.g. ``lambda m, x: m(x, subnet=2)``). Top-5 uses k = min(5, classes).
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError(f"cannot evaluate on an empty data set ({data.name!r})")
+    device = _device_of(model)
+    k = min(5, data.num_classes)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    topk = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        with torch.no_grad():
+            for x, y in data.batches(batch_size):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = forward(model, x) if forward is not None else model(x)
+                if not isinstance(logits, Tensor) or logits.shape != (x.shape[0], data.num_classes):
+                    got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                    raise ValueError(f"the model must return logits of shape ({x.shape[0]}, {data.num_classes}) "
+                                     f"for data set {data.name!r}; got {got}")
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+                pred = logits.topk(k, dim=1).indices
+                top1 += (pred[:, 0] == y).sum()
+                topk += (pred == y[:, None]).any(dim=1).sum()
+    finally:
+        model.train(was_training)
+    return {"top1": top1.item() / n, "top5": topk.item() / n, "loss": loss_sum.item() / n, "n": n}
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the base LR during 0-based ``epoch`` under ``config.schedule``."""
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    if config.schedule == "step":
+        # A milestone f decays the LR from epoch floor(f * epochs) on; 1e-9 absorbs float error.
+        passed = sum(epoch >= math.floor(f * config.epochs + 1e-9) for f in config.step_milestones)
+        return config.step_gamma ** passed
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over the parameters that require gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters that require gradients; nothing to train")
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return opt
+
+
+def _derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts``, the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --- distributed --------------------------------------------------------------------------------
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None  # None: keep the model where it is
+    owns_group: bool = False
+
+
+def _setup_distributed(distributed: bool | None) -> _Dist:
+    """Join (or start, from torchrun's env vars) a process group unless told not to."""
+    if distributed is False or not dist.is_available():
+        if distributed:
+            raise RuntimeError("distributed=True but torch.distributed is not available in this build")
+        return _Dist()
+    owns = False
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            if distributed:
+                raise RuntimeError("distributed=True needs a process group or torchrun's environment "
+                                   f"(WORLD_SIZE > 1); WORLD_SIZE is {os.environ.get('WORLD_SIZE')!r}")
+            return _Dist()
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        owns = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world <= 1:
+        return _Dist(owns_group=owns)
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.cuda.set_device(device)
+    return _Dist(rank, world, device, owns)
+
+
+def _all_reduce_sum(t: Tensor, ctx: _Dist) -> Tensor:
+    if ctx.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def _callbacks_with_state(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
+    """Callbacks that have state, keyed by class name (``#n`` for repeats) so that adding or
+    removing stateless callbacks between a run and its resumption changes nothing."""
+    keyed, counts = [], {}
+    for cb in callbacks:
+        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+            name = type(cb).__qualname__
+            n = counts[name] = counts.get(name, -1) + 1
+            keyed.append((f"{name}#{n}" if n else name, cb))
+    return keyed
+
+
+def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], epochs_done: int) -> None:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    opt_tensors, opt_skeleton = ckpt.pack_state(state.optimizer.state_dict(), "optimizer")
+    tensors.update(opt_tensors)
+    cb_skeletons = {}
+    for key, cb in _callbacks_with_state(callbacks):
+        cb_tensors, cb_skeletons[key] = ckpt.pack_state(cb.state_dict(), f"callbacks.{key}")
+        tensors.update(cb_tensors)
+    meta = {
+        "epochs_done": epochs_done,
+        "step": state.step,
+        "config": state.config.to_dict(),
+        "model": ckpt.model_config(state.model),
+        "optimizer": opt_skeleton,
+        "callbacks": cb_skeletons,
+        "history": state.history,
+        "world_size": state.world_size,
+        "torch": torch.__version__,
+    }
+    ckpt.save(path, tensors, meta)
+
+
+def _restore_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any]) -> int:
+    """Load model/optimizer/callback state into ``state``; returns the epochs already done."""
+    tensors, meta = ckpt.load(path)
+    saved = meta.get("config", {})
+    changed = sorted(k for k, v in state.config.to_dict().items()
+                     if k in saved and saved[k] != v and k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(
+            f"cannot resume from {str(ckpt.paths(path)[0])!r}: config differs in "
+            + ", ".join(f"{k} (checkpoint {saved[k]!r}, now {getattr(state.config, k)!r})" for k in changed)
+            + "; pass resume=False or use another output directory")
+    model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    ckpt.check_model(state.model, model_tensors, meta, f"checkpoint {str(ckpt.paths(path)[0])!r}")
+    state.model.load_state_dict(model_tensors, strict=True)
+    try:
+        state.optimizer.load_state_dict(ckpt.unpack_state(meta["optimizer"], tensors))
+    except (KeyError, ValueError) as err:
+        raise ckpt.CheckpointMismatchError(
+            f"optimizer state in {str(ckpt.paths(path)[0])!r} does not fit this model's optimizer ({err})") from None
+    cb_state = meta.get("callbacks", {})
+    for key, cb in _callbacks_with_state(callbacks):
+        if key in cb_state:
+            cb.load_state_dict(ckpt.unpack_state(cb_state[key], tensors))
+        else:
+            log.warning("checkpoint has no state for callback %s; it starts fresh", key)
+    state.step = int(meta["step"])
+    state.history = list(meta.get("history", []))
+    return int(meta["epochs_done"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_lines(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def _call(callbacks: Sequence[Any], hook: str, state: TrainerState) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(state)
+
+
+def _split_loss(result: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    if isinstance(result, Tensor):
+        loss, parts = result, {}
+    elif isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
+        loss, parts = result["loss"], {k: v for k, v in result.items() if k != "loss" and isinstance(v, Tensor)}
+    else:
+        raise TypeError("loss_fn must return a scalar Tensor or a dict with a 'loss' Tensor; got "
+                        + (f"dict with keys {sorted(result)}" if isinstance(result, Mapping) else type(result).__name__))
+    if loss.dim() != 0 or not loss.requires_grad:
+        raise ValueError(f"loss_fn's loss must be a scalar that requires grad; got shape {tuple(loss.shape)}, "
+                         f"requires_grad={loss.requires_grad}")
+    return loss, parts
+
+
+def _default_loss(config: TrainConfig, forward: Forward | None) -> LossFn:
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        logits = forward(model, x) if forward is not None else model(x)
+        return {"loss": F.cross_entropy(logits, y, label_smoothing=config.label_smoothing), "logits": logits}
+    return loss_fn
+
+
+def _steps_per_epoch(n: int, config: TrainConfig, world: int) -> int:
+    per_rank = -(-n // world)
+    return per_rank // config.batch_size if config.drop_last else -(-per_rank // config.batch_size)
+
+
+def fit(
+    model: nn.Module,
+    train: ImageSet,
+    config: TrainConfig | None = None,
+    *,
+    test: ImageSet | None = None,
+    out: str | os.PathLike | None = None,
+    loss_fn: LossFn | None = None,
+    forward: Forward | None = None,
+    callbacks: Sequence[Any] = (),
+    resume: bool = True,
+    distributed: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` on ``train``; returns the per-epoch metrics (also in ``out/metrics.jsonl``).
+
+    ``loss_fn(model, x, y)`` returns a scalar loss or a dict with "loss" (other scalars are
+    averaged into ``train_<name>``, a "logits" entry gives ``train_acc``); the default is
+    cross-entropy with ``config.label_smoothing`` through ``forward(model, x)`` (default
+    ``model(x)``), which also drives evaluation on ``test``. Callbacks may define
+    ``on_after_backward``, ``on_batch_end`` and ``on_epoch_end`` (see :class:`TrainerState`),
+    and ``state_dict``/``load_state_dict`` to be checkpointed (matched by class name on resume).
+
+    With ``out``, each epoch ends with an atomic checkpoint; ``resume=True`` continues from it
+    and, because the data order and RNG are seeded from (seed, epoch), ends with the same
+    weights as an uninterrupted run. Under torchrun (or an initialised process group) the
+    model is wrapped in DistributedDataParallel and each rank trains on its shard; only rank 0
+    writes files. ``distributed=False`` forbids that, ``True`` requires it.
+    """
+    config = config or TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    for name, data in (("train", train), ("test", test)):
+        if data is not None and not isinstance(data, ImageSet):
+            raise TypeError(f"{name} must be a dyninfer.data.ImageSet, got {type(data).__name__}")
+    if len(train) == 0:
+        raise ValueError(f"training set {train.name!r} is empty")
+    for cb in callbacks:
+        if not any(callable(getattr(cb, h, None)) for h in ("on_batch_end", "on_after_backward", "on_epoch_end")):
+            raise TypeError(f"callback {cb!r} defines none of on_batch_end, on_after_backward, on_epoch_end")
+
+    ctx = _setup_distributed(distributed)
+    try:
+        return _fit(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx)
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet | None,
+         out: str | os.PathLike | None, loss_fn: LossFn | None, forward: Forward | None,
+         callbacks: list[Any], resume: bool, ctx: _Dist) -> list[dict[str, Any]]:
+    if ctx.device is not None:
+        model.to(ctx.device)
+    device = _device_of(model)
+    lead = ctx.rank == 0
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint" if out_dir is not None else None
+
+    optimizer = make_optimizer(model, config)
+    state = TrainerState(model=model, optimizer=optimizer, config=config, wrapped=model,
+                         rank=ctx.rank, world_size=ctx.world_size)
+    start = 0
+    if resume and ckpt_path is not None and ckpt.exists(ckpt_path):
+        start = _restore_checkpoint(ckpt_path, state, callbacks)
+        log.info("resuming %s after epoch %d", out_dir, start)
+    if ctx.world_size > 1:
+        seen = torch.tensor([start, -start], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0].item() != -seen[1].item():
+            raise RuntimeError(f"ranks disagree on the checkpoint to resume from (epochs done {-seen[1].item()}.."
+                               f"{seen[0].item()}); is {str(out_dir)!r} on a shared filesystem?")
+        state.wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+
+    if out_dir is not None and lead:
+        _write_json(out_dir / "config.json", {
+            "train": config.to_dict(),
+            "model": ckpt.model_config(model),
+            "data": {"name": train.name, "n": len(train), "input_shape": list(train.input_shape),
+                     "num_classes": train.num_classes, "test_n": len(test) if test is not None else None},
+            "world_size": ctx.world_size,
+            "torch": torch.__version__,
+        })
+        _write_lines(out_dir / "metrics.jsonl", state.history)  # drops lines of a lost epoch
+
+    loss_fn = loss_fn or _default_loss(config, forward)
+    steps = _steps_per_epoch(len(train), config, ctx.world_size)
+    show = config.progress and lead
+    from tqdm.auto import tqdm
+
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # seed freely, leave the caller's RNG as it was
+        for epoch in range(start, config.epochs):
+            state.epoch = epoch
+            lr = None
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(config, epoch)
+                lr = group["lr"] if lr is None else lr
+            torch.manual_seed(_derive_seed(config.seed, epoch, "torch", ctx.rank))  # dropout etc.
+            order = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, "data"))  # same on all ranks
+            shard = (ctx.rank, ctx.world_size) if ctx.world_size > 1 else None
+            batches = train.batches(config.batch_size, shuffle=True, augment=config.augment, generator=order,
+                                    drop_last=config.drop_last, shard=shard)
+            model.train()
+            state.wrapped.train()
+            sums: dict[str, Tensor] = {}
+            seen_n, correct = 0, torch.zeros((), device=device)
+            t0 = time.perf_counter()
+            bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                       disable=None if show else True, file=sys.stderr, dynamic_ncols=True)
+            for i, (x, y) in enumerate(bar):
+                state.batch_index = i
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
+                loss.backward()
+                _call(callbacks, "on_after_backward", state)
+                optimizer.step()
+                state.step += 1
+                state.loss = loss.detach()
+                state.losses = {"loss": state.loss, **{k: v.detach() for k, v in parts.items()}}
+                b = x.shape[0]
+                seen_n += b
+                for k, v in state.losses.items():
+                    if v.dim() == 0:
+                        sums[k] = sums.get(k, 0) + v.float() * b
+                logits = parts.get("logits")
+                if logits is not None and logits.dim() == 2 and logits.shape[0] == b:
+                    correct += (logits.detach().argmax(dim=1) == y).sum()
+                    sums["__correct__"] = correct
+                _call(callbacks, "on_batch_end", state)
+                if show and state.step % config.log_every == 0:
+                    bar.set_postfix(loss=f"{state.loss.item():.4f}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            if ctx.world_size > 1:  # DDP syncs buffers (BN stats) at each forward; end equal too
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+
+            names = sorted(sums)
+            totals = _all_reduce_sum(torch.stack([sums[k].float() for k in names] + [torch.tensor(float(seen_n), device=device)]), ctx).tolist()
+            total_n = totals[-1]
+            averages = {k: v / total_n for k, v in zip(names, totals)}
+            train_loss = averages.pop("loss")
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1}: mean loss {train_loss}; "
+                                         f"try a lower lr (now {config.lr}) — the last checkpoint is kept")
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+                                      "train_acc": averages.pop("__correct__", None)}
+            record.update({f"train_{k}": v for k, v in averages.items()})
+            if test is not None and lead:
+                result = evaluate(model, test, config.eval_batch_size, forward)
+                record.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
+            record.update(lr=lr, seconds=time.perf_counter() - t0, images_per_s=total_n / max(train_seconds, 1e-9))
+            state.metrics = record
+            _call(callbacks, "on_epoch_end", state)  # before the checkpoint: callbacks may change the model
+            state.history.append(record)
+            if lead:
+                log.info("epoch %d/%d %s", epoch + 1, config.epochs, json.dumps(record))
+                if show:
+                    tqdm.write(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), file=sys.stderr)
+            if out_dir is not None and lead:
+                with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_checkpoint(ckpt_path, state, callbacks, epoch + 1)
+
+    if out_dir is not None and lead:
+        ckpt.save_model(out_dir / "model", model, {"train": config.to_dict(), "epochs_done": config.epochs,
+                                                   "metrics": state.history[-1] if state.history else None})
+    return state.history
