@@ -236,10 +236,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     x = next(test_set.batches(len(test_set)))[0]
     run = net.start(x)
     worst = 0.0
-    for k in range(1, net.num_subnets + 1):
-        worst = max(worst, float((run.logits - net(x, subnet=k)).abs().max()))
-        if run.can_step():
-            run.step()
+    with torch.no_grad():
+        for k in range(1, net.num_subnets + 1):
+            worst = max(worst, float((run.logits - net(x, subnet=k)).abs().max()))
+            if run.can_step():
+                run.step()
     print(f"\nincremental check: stepping 1->{net.num_subnets} reuses every earlier activation and "
           f"matches from-scratch logits to {worst:.1e}")
     print(f"done in {time.perf_counter() - start:.0f} s; run saved to {out} (try `dyninfer eval {out}`)")

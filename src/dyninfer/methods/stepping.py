@@ -315,11 +315,11 @@ class SteppingNet(nn.Module):
         generator = torch.Generator().manual_seed(cfg.seed + 1)
         log = []
         self.net.train()
+        bar = tqdm(total=epochs * math.ceil(len(train) / cfg.batch_size), disable=not cfg.progress, desc="retrain")
         for epoch in range(epochs):
             start, losses = time.perf_counter(), []
-            batches = train.batches(cfg.batch_size, shuffle=True, augment=True, generator=generator)
-            for x, y in tqdm(batches, total=math.ceil(len(train) / cfg.batch_size), leave=False,
-                             disable=not cfg.progress, desc=f"retrain {epoch + 1}/{epochs}"):
+            for x, y in train.batches(cfg.batch_size, shuffle=True, augment=True, generator=generator):
+                bar.update()
                 t_logits = None
                 if use_teacher is not None:
                     with torch.no_grad():
@@ -331,6 +331,8 @@ class SteppingNet(nn.Module):
             if test is not None:
                 entry["test_top1"] = self.evaluate(test)
             log.append(entry)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"]))
+        bar.close()
         self.net.eval()
         self.history.setdefault("retrain", []).extend(log)
         return log
@@ -357,6 +359,7 @@ class SteppingNet(nn.Module):
                 "model": self.net.dyninfer_config, "config": asdict(self.config),
                 "history": self.history, **(extra or {})}
         tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         checkpoint.save(path, tensors, json.loads(json.dumps(meta, default=str)))
 
     @classmethod
@@ -466,8 +469,9 @@ def _move_round(net: TaggedSequential, batches, cfg: SteppingConfig, limits: lis
         # Subnet i starts passing neurons on only once its own increment exceeds its budget's.
         allowed = i == 1 or macs[i - 1] - macs[i - 2] > limits[i - 1] - limits[i - 2]
         count = 0
-        if over and allowed:
-            count, _ = move_neurons(net, scores, i, amount, cfg.min_channels)
+        if over and allowed:  # move the paper's fixed amount, but no more than the overshoot
+            needed = min(amount, macs[i - 1] - limits[i - 1])
+            count, _ = move_neurons(net, scores, i, needed, cfg.min_channels)
         moved.append(count)
     return moved
 

@@ -1,0 +1,71 @@
+"""Train original (unexpanded) zoo networks: the baselines and teachers later methods need.
+
+Writes benchmarks/results/train_original.{md,json} with accuracy, wall time and training
+throughput (images/s), and keeps each trained run under runs/original/<model>-<data> so the
+SteppingNet benchmark can use them as teachers.
+
+    python benchmarks/train_original.py --jobs lenet-5:fashion-mnist:15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import dyninfer as dy
+from dyninfer import report
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_job(model_name: str, data_name: str, epochs: int, runs: Path, lr: float | None) -> dict:
+    train_set, test_set = dy.data.load(data_name)
+    model = dy.models.create(model_name, num_classes=train_set.num_classes, input_shape=train_set.input_shape)
+    config = dy.train.TrainConfig(epochs=epochs, batch_size=128, lr=lr, progress=False)
+    out = runs / f"{model_name}-{data_name}"
+    start = time.perf_counter()
+    history = dy.train.fit(model, train_set, config, test=test_set, out=out, resume=False)
+    seconds = time.perf_counter() - start
+    result = dy.train.evaluate(model, test_set)
+    meta = {"kind": "train", "model": model_name, "data": data_name, "data_root": None,
+            "num_classes": train_set.num_classes, "expansion": 1.0, "input_shape": list(train_set.input_shape),
+            "train_config": config.to_dict(), "test": result, "seconds": seconds, "epochs_run": len(history)}
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    ips = sorted(h["images_per_s"] for h in history)
+    return {"model": model_name, "data": data_name, "epochs": epochs, "test_top1": result["top1"],
+            "seconds": seconds, "images_per_s_median": ips[len(ips) // 2], "images_per_s_min": ips[0],
+            "images_per_s_max": ips[-1], "run": str(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="lenet-5:fashion-mnist:15", help="model:data:epochs,...")
+    parser.add_argument("--runs", default="runs/original")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--stem", default="train_original")
+    args = parser.parse_args()
+    command = "python " + " ".join(sys.argv)
+    print(command, flush=True)
+    rows = []
+    for job in args.jobs.split(","):
+        model_name, data_name, epochs = job.split(":")
+        rows.append(run_job(model_name, data_name, int(epochs), Path(args.runs), args.lr))
+        print(json.dumps(rows[-1]), flush=True)
+    table = report.markdown_table(
+        ["model", "data", "epochs", "test top-1 (%)", "wall time (s)", "train images/s (median [min, max] over epochs)"],
+        [(r["model"], r["data"], r["epochs"], f"{100 * r['test_top1']:.2f}", f"{r['seconds']:.0f}",
+          f"{r['images_per_s_median']:.0f} [{r['images_per_s_min']:.0f}, {r['images_per_s_max']:.0f}]") for r in rows])
+    machine = report.machine()
+    md = (f"# Original networks\n\nCommand: `{command}`\n\nMachine: {machine}\n\n{table}\n\n"
+          "Training: SGD Nesterov 0.9, lr 0.05, cosine, weight decay 5e-4, batch 128; CIFAR with crop+flip.\n"
+          "Throughput includes data augmentation and is measured by the trainer per epoch; "
+          "other work on the 2-core machine during the run lowers it.\n")
+    report.write(ROOT / "results", args.stem, md, {"command": command, "machine": machine, "rows": rows})
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The `dyninfer` command as a user runs it: outputs, run directories, one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from dyninfer.cli import main
+from dyninfer.methods.stepping import SteppingNet
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_prints_layers_and_total_macs(capsys):
+    code, out, _ = run(capsys, "info", "lenet-5", "--input-shape", "1,28,28")
+    assert code == 0
+    assert "693,000 MACs" in out and "| layer |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "no-such-net"], "unknown model 'no-such-net'"),
+    (["train", "--model", "lenet-5", "--data", "imagenet-99", "--out", "x"], "imagenet-99"),
+])
+def test_bad_values_give_one_line_errors(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_flags_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["construct", "--model", "lenet-5", "--budgets", "0.1,abc", "--out", "x"])
+    assert exc.value.code == 2
+    assert "budgets must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_bad_budgets_reach_the_user_as_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "construct", "--model", "lenet-5", "--budgets", "0.5,0.3",
+                       "--out", str(tmp_path / "s"), "--quiet")
+    assert code == 2 and "strictly increasing" in err
+
+
+def test_eval_of_a_non_run_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", str(tmp_path))
+    assert code == 2 and "not a dyninfer run directory" in err
+
+
+def test_train_construct_eval_round_trip(capsys, tmp_path):
+    teacher = tmp_path / "orig"
+    code, out, _ = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "2",
+                       "--batch-size", "64", "--out", str(teacher), "--quiet")
+    assert code == 0 and "test top-1" in out
+    meta = json.loads((teacher / "run.json").read_text())
+    assert meta["kind"] == "train" and 0 < meta["test"]["top1"] <= 1
+
+    step = tmp_path / "step"
+    code, out, _ = run(capsys, "construct", "--model", "lenet-5", "--data", "digits", "--budgets", "0.3,0.6,0.9",
+                       "--teacher", str(teacher), "--iterations", "4", "--batches-per-iteration", "2",
+                       "--batch-size", "64", "--retrain-epochs", "1", "--out", str(step), "--quiet")
+    assert code == 0 and "subnet 3" in out
+    table = json.loads((step / "table.json").read_text())
+    assert all(f <= b for f, b in zip(table["mac_fraction"], [0.3, 0.6, 0.9]))
+    assert table["original_accuracy"] == pytest.approx(meta["test"]["top1"])
+
+    code, out2, _ = run(capsys, "eval", str(step))
+    assert code == 0 and out2.strip() == out.strip()  # the saved net evaluates to the same table
+    net = SteppingNet.load(step / "stepping")  # save/load keeps tags, masks and weights
+    x = torch.randn(4, 1, 8, 8)
+    assert net.num_subnets == 3
+    again = SteppingNet.load(step / "stepping")
+    torch.testing.assert_close(net(x, subnet=2), again(x, subnet=2))
+    assert json.loads((step / "table.json").read_text())["accuracy"] == table["accuracy"]
+
+
+def test_construct_refuses_a_teacher_of_another_model(capsys, tmp_path):
+    teacher = tmp_path / "orig"
+    assert run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1",
+               "--out", str(teacher), "--quiet")[0] == 0
+    code, _, err = run(capsys, "construct", "--model", "lenet-3c1l", "--data", "digits", "--budgets", "0.5",
+                       "--teacher", str(teacher), "--out", str(tmp_path / "s"), "--quiet")
+    assert code == 2 and "teacher" in err and "lenet-5 on digits" in err
+
+
+def test_demo_runs_end_to_end_small(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--teacher-epochs", "1",
+                       "--iterations", "3", "--retrain-epochs", "1", "--quiet")
+    assert code == 0
+    assert "original network" in out and "subnet 4" in out and "incremental check" in out
+    table = json.loads((tmp_path / "demo" / "table.json").read_text())
+    assert len(table["accuracy"]) == 4 and all(0 <= a <= 1 for a in table["accuracy"])
