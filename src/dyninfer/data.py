@@ -103,7 +103,8 @@ class ImageSet:
         if not all(s > 0 for s in self.std):
             raise ValueError(f"std entries must be > 0, got {self.std}")
         if self.augmentation not in ("none", "crop-flip"):
-            raise ValueError(f"augmentation must be 'none' or 'crop-flip', got {self.augmentation!r}")
+            raise ValueError(
+                f"augmentation must be 'none' or 'crop-flip', got {self.augmentation!r}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -173,7 +174,8 @@ class ImageSet:
             yield self.normalize(images), self.labels.index_select(0, idx)
 
 
-def crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+def crop_flip(images: torch.Tensor, padding: int = 4,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop after zero padding + random horizontal flip, batched (standard CIFAR).
 
     Image i becomes the (H, W) window of its padded copy at offset (dy_i, dx_i), mirrored
@@ -605,7 +607,8 @@ _ALIASES = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
-        raise ValueError(f"data set name must be a string, got {name!r}; valid: {', '.join(DATASETS)}")
+        raise ValueError(
+            f"data set name must be a string, got {name!r}; valid: {', '.join(DATASETS)}")
     key = name.strip().lower().replace("_", "").replace("-", "")
     key = _ALIASES.get(key, key)
     for canonical in DATASETS:
