@@ -1,0 +1,168 @@
+"""Reproduce Table I of the SteppingNet paper (accuracy and MACs of each subnet) on this machine.
+
+For each model:data job: take the original network from runs/original/<model>-<data> (made by
+benchmarks/train_original.py; trained here if missing), construct a 4-subnet SteppingNet from the
+width-expanded network with the paper's budgets, retrain it with distillation from the original,
+and report A_k and M_k/M_t beside the paper's numbers, with wall times and construction cost.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/stepping_table1.py --jobs lenet-5:fashion-mnist,lenet-5:cifar10
+
+The paper's schedule (N_t = 300 iterations x m = 250 batches) does not fit a CPU session; the
+presets below say what was run instead and the results record it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dyninfer as dy
+from dyninfer import report
+from dyninfer.methods.stepping import SteppingConfig, construct
+
+ROOT = Path(__file__).resolve().parent
+
+BUDGETS = {"lenet-3c1l": [0.10, 0.30, 0.50, 0.85], "lenet-5": [0.15, 0.30, 0.60, 0.85], "vgg-16": [0.15, 0.30, 0.50, 0.70]}
+EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}
+PAPER = {  # Table I, CIFAR-10 (VGG-16: CIFAR-100); accuracy %, MACs %
+    ("lenet-3c1l", "cifar10"): {"original": 83.36, "accuracy": [68.5, 77.38, 79.81, 80.4], "macs": [9.65, 29.55, 48.62, 78.52]},
+    ("lenet-5", "cifar10"): {"original": 74.96, "accuracy": [51.8, 59.56, 68.64, 72.03], "macs": [13.64, 26.54, 55.07, 82.74]},
+    ("vgg-16", "cifar100"): {"original": 70.32, "accuracy": [63.26, 68.19, 68.19, 68.14], "macs": [15.97, 32.54, 47.39, 67.78]},
+}
+PRESETS = {  # CPU presets: what fits a session on 2 cores; "paper" is the full schedule for a GPU
+    "cpu": {"lenet-5": dict(iterations=40, batches_per_iteration=50, retrain_epochs=10, teacher_epochs=15),
+            "lenet-3c1l": dict(iterations=30, batches_per_iteration=30, retrain_epochs=4, teacher_epochs=10),
+            "vgg-16": dict(iterations=20, batches_per_iteration=20, retrain_epochs=2, teacher_epochs=5)},
+    "smoke": {m: dict(iterations=2, batches_per_iteration=2, retrain_epochs=1, teacher_epochs=1) for m in BUDGETS},
+    "paper": {m: dict(iterations=300, batches_per_iteration=250, retrain_epochs=100, teacher_epochs=100) for m in BUDGETS},
+}
+
+
+def teacher_for(model_name: str, data_name: str, train_set, test_set, epochs: int, runs: Path):
+    """The original network: reuse runs/original/<model>-<data> or train it now."""
+    out = runs / f"{model_name}-{data_name}"
+    model = dy.models.create(model_name, num_classes=train_set.num_classes, input_shape=train_set.input_shape)
+    if (out / "model.safetensors").exists():
+        dy.checkpoint.load_model(out / "model", model)
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    else:
+        history = dy.train.fit(model, train_set, dy.train.TrainConfig(epochs=epochs, progress=False),
+                               test=test_set, out=out, resume=False)
+    seconds_per_epoch = sorted(h["seconds"] for h in history)[len(history) // 2]
+    return model.eval(), dy.train.evaluate(model, test_set)["top1"], seconds_per_epoch, len(history)
+
+
+def step_time(module, train_set, batch_size: int, steps: int = 20) -> float:
+    """Median seconds of one plain training step of ``module`` (the largest subnet trained alone)."""
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    module.train()
+    batches = train_set.batches(batch_size, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0))
+    times = []
+    for i, (x, y) in enumerate(batches):
+        if i >= steps + 3:
+            break
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: Path, seed: int) -> dict:
+    train_set, test_set = dy.data.load(data_name)
+    teacher, original, teacher_epoch_s, teacher_epochs = teacher_for(
+        model_name, data_name, train_set, test_set, preset["teacher_epochs"], runs)
+    print(f"[{model_name}/{data_name}] original accuracy {100 * original:.2f} %", flush=True)
+    config = SteppingConfig(iterations=preset["iterations"], batches_per_iteration=preset["batches_per_iteration"],
+                            retrain_epochs=preset["retrain_epochs"], schedule=schedule, seed=seed, progress=False)
+    torch.manual_seed(seed)
+    model = dy.models.create(model_name, num_classes=train_set.num_classes, expansion=EXPANSION[model_name],
+                             input_shape=train_set.input_shape)
+    start = time.perf_counter()
+    net = construct(model, train_set, BUDGETS[model_name], config)
+    construction_s = time.perf_counter() - start
+    iterations = len(net.history["iterations"])
+    start = time.perf_counter()
+    net.retrain(train_set, teacher=teacher)
+    retrain_s = time.perf_counter() - start
+    accuracies = net.evaluate(test_set)
+    fractions = net.mac_fractions()
+    batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    construction_batches = iterations * config.batches_per_iteration
+    total_batches = construction_batches + config.retrain_epochs * batches_per_epoch
+    largest = dy.export.subnet(net, net.num_subnets)
+    alone = step_time(largest, train_set, config.batch_size)
+    total_s = construction_s + retrain_s
+    result = {
+        "model": model_name, "data": data_name, "schedule": schedule, "expansion": EXPANSION[model_name],
+        "budgets": BUDGETS[model_name], "original_accuracy": original, "accuracy": accuracies,
+        "mac_fraction": fractions, "iterations_run": iterations, "trim_rounds": net.history["trim_rounds"],
+        "construction_seconds": construction_s, "retrain_seconds": retrain_s,
+        "construction_batches": construction_batches, "retrain_epochs": config.retrain_epochs,
+        "epochs_equivalent": total_batches / batches_per_epoch,
+        "teacher_seconds_per_epoch": teacher_epoch_s, "teacher_epochs": teacher_epochs,
+        "cost_vs_original_same_epochs": total_s / (total_batches / batches_per_epoch * teacher_epoch_s),
+        "largest_subnet_step_seconds": alone,
+        "cost_vs_largest_subnet_same_steps": total_s / (total_batches * alone),
+        "config": asdict(config), "paper": PAPER.get((model_name, data_name)),
+    }
+    net.save(runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}" / "stepping",
+             extra={"original_accuracy": original})
+    print(json.dumps({k: result[k] for k in ("model", "data", "schedule", "accuracy", "mac_fraction")}), flush=True)
+    return result
+
+
+def render(results: list[dict], command: str, preset_name: str) -> str:
+    parts = [f"# SteppingNet, Table I on this machine\n\nCommand: `{command}`\n\nPreset: `{preset_name}` "
+             f"(the paper runs N_t=300 iterations x m=250 batches and retrains to convergence; "
+             f"see each row's schedule)\n\nMachine: {report.machine()}\n"]
+    for r in results:
+        table, _ = report.subnet_table(r["accuracy"], r["mac_fraction"], r["original_accuracy"], r["budgets"])
+        parts.append(f"## {r['model']} on {r['data']} ({r['schedule']} schedule, expansion {r['expansion']})\n\n{table}\n")
+        if r["paper"]:
+            p = r["paper"]
+            parts.append(report.markdown_table(
+                ["paper (CIFAR)", "original"] + [f"subnet {k}" for k in range(1, 5)],
+                [["accuracy (%)", p["original"]] + p["accuracy"], ["MACs (%)", 100.0] + p["macs"]]) + "\n")
+        parts.append(
+            f"Schedule run: {r['iterations_run']} construction iterations x {r['config']['batches_per_iteration']} batches "
+            f"(+{r['trim_rounds']} move rounds without training), then {r['retrain_epochs']} retraining epochs "
+            f"= {r['epochs_equivalent']:.1f} epochs of data. Wall time: construction {r['construction_seconds']:.0f} s, "
+            f"retraining {r['retrain_seconds']:.0f} s. Cost: {r['cost_vs_original_same_epochs']:.2f}x training the original "
+            f"network for the same epochs ({r['teacher_seconds_per_epoch']:.0f} s/epoch), "
+            f"{r['cost_vs_largest_subnet_same_steps']:.2f}x training the largest subnet alone for the same steps.\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="lenet-5:fashion-mnist,lenet-5:cifar10", help="model:data[:schedule],...")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--runs", default="runs/original", help="where the original networks live")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stem", default="stepping_table1")
+    args = parser.parse_args()
+    command = "python " + " ".join(sys.argv)
+    print(command, flush=True)
+    results = []
+    for job in args.jobs.split(","):
+        model_name, data_name, *rest = job.split(":")
+        schedule = rest[0] if rest else "joint"
+        results.append(run_job(model_name, data_name, PRESETS[args.preset][model_name], schedule, Path(args.runs), args.seed))
+        report.write(ROOT / "results", args.stem, render(results, command, args.preset),
+                     {"command": command, "preset": args.preset, "machine": report.machine(), "results": results})
+    print(render(results, command, args.preset))
+
+
+if __name__ == "__main__":
+    main()
