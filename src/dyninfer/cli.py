@@ -1,4 +1,5 @@
-"""The ``dyninfer`` command: train, construct, eval, info, demo.
+"""The ``dyninfer`` command: train, construct, eval, info, demo, plus the commands that methods and
+the runtime register through ``add_commands`` (lcnet, bench, simulate, compare).
 
 Flags map onto the library's frozen config dataclasses; every run directory gets a ``run.json``
 saying what it is, so ``dyninfer eval runs/x`` needs nothing else.
@@ -7,6 +8,7 @@ saying what it is, so ``dyninfer eval runs/x`` needs nothing else.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+COMMAND_MODULES = ("dyninfer.methods.lcnet_commands",)
 DEFAULT_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}  # SteppingNet paper, Sec. IV
 
 
@@ -314,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-epochs", type=_positive_int, default=15)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    for module in COMMAND_MODULES:  # methods and tools register their own subcommands
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
