@@ -9,7 +9,7 @@ it has now and, for incremental networks, steps up to a larger one reusing what 
     net = dy.stepping.construct(model, train, budgets=[0.10, 0.30, 0.50, 0.85])
 """
 
-from dyninfer import cost, data, export, models, report, train  # noqa: F401
+from dyninfer import cost, data, export, models, report, runtime, train  # noqa: F401
 from dyninfer.methods import lcnet, stepping  # noqa: F401
 
 __version__ = "0.1.0"

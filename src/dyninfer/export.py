@@ -1,12 +1,15 @@
 """Export a subnet as a standalone dense module: plain torch layers, no masks, no dyninfer needed.
 
 Built the once-for-all way (``get_active_subnet(preserve_weight=True)``): static layers of the
-subnet's exact shapes with the sliced, BatchNorm-folded weights copied in.
+subnet's exact shapes with the sliced, BatchNorm-folded weights copied in.  :func:`incremental`
+exports the whole stepping network instead, as one TorchScript module with step methods.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,24 +17,34 @@ import torch.nn as nn
 
 
 def _compact_of(net):
-    from dyninfer.nn.tagged import TaggedSequential
-    from dyninfer.runtime.compaction import CompactNet, compact
+    from dyninfer.runtime.compaction import as_compact
 
-    if isinstance(net, CompactNet):
-        return net
-    if hasattr(net, "compact"):
-        return net.compact()
-    if isinstance(net, TaggedSequential):
-        return compact(net)
-    raise TypeError(f"cannot export a {type(net).__name__}; expected a SteppingNet, TaggedSequential or CompactNet")
+    try:
+        return as_compact(net)
+    except TypeError:
+        raise TypeError(f"cannot export a {type(net).__name__}; expected a SteppingNet, TaggedSequential "
+                        f"or CompactNet") from None
+
+
+@contextmanager
+def _quiet_jit():
+    """torch.jit warns that it is deprecated on every call; the saved format is what deployments load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
+
+
+def _check_k(cnet, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cnet.num_subnets:
+        raise ValueError(f"k must be an int in 1..{cnet.num_subnets}, got {k!r}")
+    return k
 
 
 @torch.no_grad()
 def subnet(net, k: int) -> nn.Sequential:
-    """Subnet ``k`` (1-based) of an incremental network as a dense ``nn.Sequential``."""
+    """Subnet ``k`` (1-based) of an incremental network as a dense ``nn.Sequential`` (NCHW)."""
     cnet = _compact_of(net)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cnet.num_subnets:
-        raise ValueError(f"k must be an int in 1..{cnet.num_subnets}, got {k!r}")
+    _check_k(cnet, k)
     modules: list[nn.Module] = []
     for layer in cnet.layers:
         weight, bias = layer.prefix_weights[k - 1], layer.prefix_biases[k - 1]
@@ -54,11 +67,34 @@ def subnet(net, k: int) -> nn.Sequential:
     return nn.Sequential(*modules).eval()
 
 
-def torchscript(net, k: int, path: str | Path | None = None) -> torch.jit.ScriptModule:
-    """TorchScript of subnet ``k`` (frozen); saved to ``path`` when given."""
+def torchscript(net, k: int, path: str | Path | None = None, *, channels_last: bool = False) -> torch.jit.ScriptModule:
+    """TorchScript of subnet ``k`` (traced and frozen); saved to ``path`` when given.
+
+    ``channels_last=True`` stores the convolution weights channels_last (the faster layout on
+    CPU); the module accepts either layout.
+    """
     module = subnet(net, k)
     example = torch.zeros(1, *_compact_of(net).input_shape)
-    scripted = torch.jit.freeze(torch.jit.trace(module, example).eval())
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
+    with _quiet_jit():
+        scripted = torch.jit.freeze(torch.jit.trace(module, example).eval())
+    if path is not None:
+        scripted.save(str(path))
+    return scripted
+
+
+def incremental(net, path: str | Path | None = None) -> torch.jit.ScriptModule:
+    """The whole stepping network as one scripted module: ``forward(x, k)``, ``start(x)``,
+    ``step(state, logits, k)`` and ``steps(x, k)`` (see :mod:`dyninfer.runtime.scripted`).
+
+    Saved to ``path`` when given; loading it needs only torch (``torch.jit.load``).
+    """
+    from dyninfer.runtime.scripted import IncrementalScript
+
+    with _quiet_jit():
+        scripted = torch.jit.script(IncrementalScript(_compact_of(net)).eval())
     if path is not None:
         scripted.save(str(path))
     return scripted

@@ -1,0 +1,179 @@
+"""``dyninfer bench`` and ``dyninfer simulate``: registered on the main parser by :func:`add_commands`.
+
+User errors raise ValueError / FileNotFoundError with a one-line message; the main CLI prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import torch
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 like 1,128; got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers like 1,2.5,10; got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def load_run(run: str | Path):
+    """(SteppingNet, run meta) of a run directory made by `dyninfer construct` / `dyninfer demo`."""
+    from dyninfer.methods.stepping import SteppingNet
+
+    run = Path(run)
+    meta_path = run / "run.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{run} is not a dyninfer run directory (no run.json); "
+                                f"make one with `dyninfer construct` or `dyninfer demo`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != "stepping":
+        raise ValueError(f"{run} holds a {meta.get('kind')!r} run; bench and simulate need a stepping run "
+                         f"(`dyninfer construct` or `dyninfer demo`)")
+    if not (run / "stepping.json").exists():
+        raise FileNotFoundError(f"{run} has no stepping checkpoint (stepping.json / stepping.safetensors)")
+    return SteppingNet.load(run / "stepping"), meta
+
+
+def _command(args: argparse.Namespace, name: str, flags: list[tuple[str, object]]) -> str:
+    parts = ["dyninfer", name, str(args.run)]
+    for flag, value in flags:
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# ---------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dyninfer import report
+    from dyninfer.runtime import bench
+
+    net, _ = load_run(args.run)
+    out = Path(args.out) if args.out else Path(args.run)
+    command = _command(args, "bench", [("--batches", args.batches), ("--threads", args.threads),
+                                       ("--repeats", args.repeats), ("--warmup", args.warmup),
+                                       ("--out", args.out)])
+    machine = report.machine()
+    print(f"{command}\nmachine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
+    result = bench.run_bench(net, batches=args.batches, threads=args.threads, repeats=args.repeats,
+                             warmup=args.warmup, progress=not args.quiet)
+    result["command"] = command
+    text = bench.markdown(result, title=f"Runtime benchmark of {args.run}")
+    md, js = report.write(out, "bench", text, result)
+    print(text)
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- simulate
+def _test_inputs(net, meta: dict, data_root: str | None, limit: int, seed: int):
+    """(inputs, labels, description): the run's test set, or synthetic inputs if unavailable."""
+    from dyninfer import data
+
+    try:
+        _, test = data.load(meta["data"], root=data_root or meta.get("data_root"), download=False)
+        x, y = next(test.batches(min(limit, len(test))))
+        if tuple(x.shape[1:]) != tuple(net.input_shape):
+            raise ValueError("shape mismatch")
+        return x, y, f"{meta['data']} test set ({x.shape[0]} images)"
+    except (FileNotFoundError, ValueError, KeyError, StopIteration):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(limit, *net.input_shape, generator=g)
+        with torch.inference_mode():
+            y = net.compact()(x).argmax(1)
+        return x, y, (f"synthetic inputs ({limit}; data set {meta.get('data')!r} unavailable): accuracy is "
+                      f"agreement with the largest subnet")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dyninfer import report
+    from dyninfer.runtime import simulate as sim
+
+    net, meta = load_run(args.run)
+    cnet = net.compact()
+    macs = cnet.macs()
+    if args.make_trace:
+        trace = sim.make_trace(args.trace, high=float(macs[-1]), low=float(macs[-1]) / 10,
+                               duration_ms=args.trace_ms, segment_ms=args.segment_ms, seed=args.seed)
+        print(f"wrote an example trace to {args.trace} ({len(trace.times)} rows over {trace.span_ms:g} ms; "
+              f"peak {macs[-1]:,} MACs/ms runs the largest subnet in 1 ms)")
+    trace = sim.load_trace(args.trace)
+    deadlines = args.deadlines or sim.default_deadlines(trace, macs)
+    x, y, labels = _test_inputs(net, meta, args.data_root, args.inputs, args.seed)
+    correct = sim.correctness(cnet, x, y)
+    result = sim.simulate(trace, macs, correct, deadlines, inputs=args.inputs)
+    result["labels"] = labels
+    result["static_accuracy"] = correct.float().mean(0).tolist()
+    result["command"] = _command(args, "simulate", [("--trace", args.trace), ("--make-trace", args.make_trace),
+                                                    ("--trace-ms", args.trace_ms if args.make_trace else None),
+                                                    ("--segment-ms", args.segment_ms if args.make_trace else None),
+                                                    ("--deadlines", args.deadlines), ("--inputs", args.inputs),
+                                                    ("--seed", args.seed), ("--out", args.out)])
+    out = Path(args.out) if args.out else Path(args.run)
+    text = sim.markdown(result)
+    md, js = report.write(out, "simulate", text, {**result, "machine": report.machine()})
+    png = sim.plot(result, trace, out / "simulate.png")
+    print(text)
+    print(f"wrote {md}, {js} and {png}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register ``bench`` and ``simulate`` on the main CLI's subparsers."""
+    p = subparsers.add_parser("bench", help="measure latency: subnets from scratch, steps, stepping path")
+    p.add_argument("run", help="run directory of a stepping net (`dyninfer construct` / `dyninfer demo`)")
+    p.add_argument("--batches", type=_int_list, default=[1, 128], help="batch sizes (default 1,128)")
+    p.add_argument("--threads", type=_int_list, default=[1, 2], help="thread counts (default 1,2)")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per configuration (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per configuration first (default 5)")
+    p.add_argument("--out", default=None, help="where bench.md/bench.json go (default: the run directory)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = subparsers.add_parser("simulate", help="anytime inference on a compute trace: incremental vs restart")
+    p.add_argument("run", help="run directory of a stepping net")
+    p.add_argument("--trace", required=True, help="CSV with columns time_ms,macs_per_ms")
+    p.add_argument("--make-trace", action="store_true",
+                   help="first write an example trace to --trace, scaled to this net")
+    p.add_argument("--trace-ms", type=float, default=500.0, help="length of the example trace (default 500)")
+    p.add_argument("--segment-ms", type=float, default=2.0,
+                   help="mean time the example trace holds one rate (default 2; the largest subnet takes 1 ms at peak)")
+    p.add_argument("--deadlines", type=_float_list, default=None,
+                   help="per-input deadlines in ms (default: around the largest subnet's time at the mean rate)")
+    p.add_argument("--inputs", type=_positive_int, default=300, help="inputs played per deadline (default 300)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where simulate.md/.json/.png go (default: the run directory)")
+    p.set_defaults(func=cmd_simulate)
