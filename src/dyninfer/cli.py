@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.runtime.commands")
+COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.runtime.commands", "dyninfer.compare_commands")
 DEFAULT_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}  # SteppingNet paper, Sec. IV
 
 

@@ -1,0 +1,575 @@
+"""The comparison harness: every method on the same model, data, seed and training budget,
+evaluated at matched MAC fractions (SteppingNet Fig. 6 style).
+
+    import dyninfer.compare as cmp
+    result = cmp.run("lenet-5", "fashion-mnist", methods=["stepping", "slimmable", "earlyexit"],
+                     budgets=[0.15, 0.3, 0.6, 0.85], steps=2000, batch_size=128, out="runs/cmp")
+
+The budget is optimizer steps x batch size, the same for every method: each method's loop
+counts its own steps (``history["optimizer_steps"]``) and the harness counts every
+``optimizer.step()`` independently with a global hook; both must equal ``steps`` or the run
+fails. Methods are used only through the common face (``num_subnets``, ``mac_fractions()``,
+``forward(x, subnet)``, ``evaluate(data)``, optional ``start(x)``/``step()``), plus a dense
+export per subnet for timing (``net.export(k)``, else :func:`dyninfer.export.subnet`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dyninfer.data import ImageSet
+from dyninfer.methods.baselines._common import StepLog, batch_stream, loss_step, run_steps, sgd
+
+log = logging.getLogger(__name__)
+
+METHODS = ("stepping", "slimmable", "us", "anywidth", "earlyexit", "individual", "slice", "slice-ft")
+DEFAULT_BUDGETS = (0.15, 0.30, 0.60, 0.85)
+# Width expansion of the causal methods' base network (SteppingNet paper, Sec. IV); any-width
+# needs it too, since its triangle reaches only ~half the MACs of the network it starts from.
+_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}
+MATCH_TOLERANCE = 0.01  # a subnet counts for budget b when its MAC fraction is <= b * (1 + this)
+
+
+@dataclass
+class Setup:
+    """What every method builder gets: the same model, data, budget and seed."""
+
+    model_name: str
+    train: ImageSet
+    budgets: list[float]
+    steps: int
+    batch_size: int
+    seed: int
+    lr: float
+    reference_macs: int
+    progress: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, list[float]] = field(default_factory=dict)  # MAC fractions of methods run so far
+
+    def create(self, expansion: float) -> nn.Module:
+        from dyninfer import models
+
+        torch.manual_seed(self.seed)
+        return models.create(self.model_name, num_classes=self.train.num_classes, expansion=expansion,
+                             input_shape=self.train.input_shape)
+
+    def config(self, cls, **defaults):
+        """``cls`` (a baseline config) with the shared budget and the method's options."""
+        options = {k: v for k, v in self.options.items() if k not in ("expansion", "at")}
+        kwargs = {**defaults, **options, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                  "seed": self.seed, "progress": self.progress}
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"bad option for {cls.__name__}: {err}") from None
+
+
+# ---------------------------------------------------------------------------- SteppingNet
+class _StepView(ImageSet):
+    """A training set seen as one epoch of exactly ``steps`` full batches from the shared stream,
+    so :meth:`SteppingNet.retrain` (which counts in epochs) spends an exact number of steps."""
+
+    def __init__(self, base: ImageSet, steps: int, batch_size: int, seed: int):
+        super().__init__(base.images, base.labels, base.num_classes, base.name, base.mean, base.std,
+                         base.augmentation)
+        self._base, self._steps, self._batch_size, self._seed = base, steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self._steps * self._batch_size
+
+    def batches(self, batch_size: int, **_: Any):
+        if batch_size != self._batch_size:
+            raise ValueError(f"this view yields batches of {self._batch_size}, asked for {batch_size}")
+        stream = batch_stream(self._base, batch_size, self._seed)
+        for _ in range(self._steps):
+            yield next(stream)
+
+
+def _build_stepping(s: Setup):
+    """SteppingNet: construct + retrain with a SteppingConfig scaled to the budget.
+
+    Options: ``expansion`` (default: the paper's per model), ``construct_fraction`` (0.6 of the
+    steps plan construction; what it leaves when it meets the budgets early goes to retraining),
+    ``iterations`` (N_t; default: 4 batches per iteration, at most 300), ``teacher_fraction`` (0: retrain with
+    plain CE; > 0: that share of the budget first trains the original network as the Eq. 4
+    teacher; its steps count).
+    """
+    from dyninfer.methods import stepping
+
+    opts = dict(s.options)
+    expansion = float(opts.pop("expansion", _EXPANSION.get(s.model_name, 2.0)))
+    construct_fraction = float(opts.pop("construct_fraction", 0.6))
+    teacher_fraction = float(opts.pop("teacher_fraction", 0.0))
+    iterations = opts.pop("iterations", None)
+    if opts:
+        raise ValueError(f"unknown stepping options {sorted(opts)}; accepted: expansion, construct_fraction, "
+                         f"iterations, teacher_fraction")
+    if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
+        raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
+                         f"got {construct_fraction}, {teacher_fraction}")
+    steplog = StepLog()
+    teacher = None
+    teacher_steps = round(s.steps * teacher_fraction)
+    if teacher_steps:
+        from dyninfer.methods.baselines._common import BaselineConfig
+        import torch.nn.functional as F
+
+        teacher = s.create(1.0).train()
+        cfg = BaselineConfig(steps=teacher_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
+        optimizer = sgd(teacher.parameters(), cfg)
+        run_steps(loss_step(lambda x, y: F.cross_entropy(teacher(x), y), optimizer), optimizer,
+                  batch_stream(s.train, s.batch_size, s.seed), teacher_steps, steplog, "teacher", s.progress)
+        teacher.eval()
+    remaining = s.steps - teacher_steps
+    planned = max(1, min(remaining, round(remaining * construct_fraction)))
+    iterations = int(iterations) if iterations is not None else min(300, max(1, planned // 4))
+    iterations = max(1, min(iterations, planned))
+    per_iteration = planned // iterations
+    config = stepping.SteppingConfig(iterations=iterations, batches_per_iteration=per_iteration,
+                                     batch_size=s.batch_size, lr=s.lr, retrain_lr=s.lr, retrain_epochs=1,
+                                     distillation=teacher is not None, seed=s.seed, progress=s.progress)
+    model = s.create(expansion)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = stepping.construct(model, s.train, s.budgets, config, reference_macs=s.reference_macs)
+    construct_steps = len(net.history["iterations"]) * per_iteration
+    steplog.add(construct_steps, s.batch_size, "construct")
+    retrain_steps = remaining - construct_steps
+    if retrain_steps > 0:
+        net.retrain(_StepView(s.train, retrain_steps, s.batch_size, s.seed + 1), teacher=teacher)
+        steplog.add(retrain_steps, s.batch_size, "retrain")
+    net.history.update({"method": "stepping", "expansion": expansion, "batch_size": s.batch_size,
+                        "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
+                                                                               "lr", "distillation")},
+                        "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
+    return net
+
+
+# ---------------------------------------------------------------------------- baselines
+def _build_slimmable(s: Setup):
+    from dyninfer.methods.baselines import slimmable
+
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return slimmable.train(model, s.train, s.budgets, s.config(slimmable.SlimmableConfig),
+                           reference_macs=s.reference_macs)
+
+
+def _build_us(s: Setup):
+    """US-Nets at the budgets, or with option ``at`` (a method run earlier) at that method's exact
+    MAC fractions: any width can be deployed after training."""
+    from dyninfer.methods.baselines import universal
+    from dyninfer.methods.stepping import check_budgets
+
+    budgets = s.budgets
+    if "at" in s.options:
+        if s.options["at"] not in s.previous:
+            raise ValueError(f"us option at={s.options['at']!r} must name a method compared before us; "
+                             f"so far: {sorted(s.previous)}")
+        budgets = check_budgets([min(1.0, f) for f in s.previous[s.options["at"]]])
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return universal.train(model, s.train, budgets, s.config(universal.USConfig), reference_macs=s.reference_macs)
+
+
+def _build_anywidth(s: Setup):
+    from dyninfer.methods.baselines import anywidth
+
+    model = s.create(float(s.options.get("expansion", _EXPANSION.get(s.model_name, 2.0))))
+    return anywidth.train(model, s.train, s.budgets, s.config(anywidth.AnyWidthConfig),
+                          reference_macs=s.reference_macs)
+
+
+def _build_earlyexit(s: Setup):
+    from dyninfer.methods.baselines import earlyexit
+
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return earlyexit.train(model, s.train, s.config(earlyexit.EarlyExitConfig), reference_macs=s.reference_macs)
+
+
+def _build_individual(s: Setup):
+    from dyninfer.methods.baselines import individual
+
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return individual.train_individual(model, s.train, s.budgets, s.config(individual.IndividualConfig),
+                                       reference_macs=s.reference_macs)
+
+
+def _build_slice(s: Setup):
+    from dyninfer.methods.baselines import individual
+
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return individual.train_sliced(model, s.train, s.budgets, s.config(individual.SliceConfig, finetune_fraction=0.0),
+                                   reference_macs=s.reference_macs)
+
+
+def _build_slice_ft(s: Setup):
+    from dyninfer.methods.baselines import individual
+
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return individual.train_sliced(model, s.train, s.budgets, s.config(individual.SliceConfig, finetune_fraction=0.2),
+                                   reference_macs=s.reference_macs)
+
+
+BUILDERS: dict[str, Callable[[Setup], Any]] = {
+    "stepping": _build_stepping, "slimmable": _build_slimmable, "us": _build_us, "anywidth": _build_anywidth,
+    "earlyexit": _build_earlyexit, "individual": _build_individual, "slice": _build_slice,
+    "slice-ft": _build_slice_ft,
+}
+DESCRIPTIONS = {
+    "stepping": "SteppingNet (construct + retrain, causal, learned tags)",
+    "slimmable": "slimmable (full rule, switchable BN, summed losses)",
+    "us": "universally slimmable (sandwich rule, in-place KD, BN recalibrated)",
+    "anywidth": "any-width (causal rule, regular groups, joint losses)",
+    "earlyexit": "early exit (heads after each stage)",
+    "individual": "individually trained narrow copies (budget split)",
+    "slice": "brute-force slicing of one full model",
+    "slice-ft": "slicing + classifier fine-tuning (20 % of steps)",
+}
+
+
+class _StepCounter:
+    """Counts every ``optimizer.step()`` in the process while active (torch's global hook)."""
+
+    def __enter__(self) -> "_StepCounter":
+        self.count = 0
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handle = register_optimizer_step_post_hook(self._hook)
+        return self
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+# ---------------------------------------------------------------------------- timing
+def _dense_module(method, k: int) -> nn.Module:
+    export = getattr(method, "export", None)
+    if callable(export):
+        return export(k)
+    from dyninfer import export as export_module
+
+    return export_module.subnet(method, k)
+
+
+def _path_fn(method) -> Callable[[torch.Tensor], None]:
+    def path(x: torch.Tensor) -> None:
+        run = method.start(x)
+        while run.can_step():
+            run.step()
+
+    return path
+
+
+@torch.no_grad()
+def measure_latency(configs: dict[Any, tuple[Callable[[torch.Tensor], Any], nn.Module | None]], input_shape,
+                    batch: int, repeats: int, warmup: int = 2) -> dict[Any, dict]:
+    """Median milliseconds per call of each ``fn(x)``, in NCHW and channels_last, interleaved.
+
+    ``configs[key] = (fn, module)``: a module (or None) is converted to channels_last for that
+    layout. Returns ``{key: {"ms": faster layout's median, "layout": ..., "nchw_ms", "channels_last_ms"}}``.
+    """
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    xs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    runs = []
+    for key, (fn, module) in configs.items():
+        for layout, xl in xs.items():
+            if module is not None and layout == "channels_last":
+                converted = copy.deepcopy(module).to(memory_format=torch.channels_last).eval()
+                runs.append((key, layout, converted, xl))
+            else:
+                runs.append((key, layout, fn if module is None else module.eval(), xl))
+    times: dict[tuple, list[float]] = {(key, layout): [] for key, layout, _, _ in runs}
+    for r in range(warmup + repeats):
+        for key, layout, fn, xl in runs:
+            start = time.perf_counter()
+            fn(xl)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[(key, layout)].append(elapsed * 1e3)
+    out = {}
+    for key in configs:
+        medians = {layout: statistics.median(times[(key, layout)]) for layout in xs}
+        best = min(medians, key=medians.get)
+        out[key] = {"ms": medians[best], "layout": best, "nchw_ms": medians["nchw"],
+                    "channels_last_ms": medians["channels_last"]}
+    return out
+
+
+# ---------------------------------------------------------------------------- the harness
+def _resolve_data(data, data_root=None) -> tuple[ImageSet, ImageSet]:
+    if isinstance(data, str):
+        from dyninfer import data as data_module
+
+        return data_module.load(data, root=data_root)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, ImageSet) for d in data):
+        return data[0], data[1]
+    raise ValueError(f"data must be a data set name (e.g. 'fashion-mnist') or a (train, test) pair of ImageSets; "
+                     f"got {type(data).__name__}")
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(methods)
+    unknown = [m for m in methods if m not in BUILDERS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown or methods!r}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct, got {methods}")
+    return methods
+
+
+def matched(fractions: Sequence[float], accuracies: Sequence[float], budget: float,
+            tolerance: float = MATCH_TOLERANCE) -> dict | None:
+    """The largest subnet whose MAC fraction fits ``budget`` (anytime use), or None."""
+    fits = [k for k, f in enumerate(fractions) if f <= budget * (1 + tolerance)]
+    if not fits:
+        return None
+    k = max(fits, key=lambda i: (fractions[i], i))
+    return {"subnet": k + 1, "mac_fraction": fractions[k], "accuracy": accuracies[k]}
+
+
+def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequence[float] = DEFAULT_BUDGETS,
+        steps: int = 1000, batch_size: int = 128, seed: int = 0, out: str | Path | None = None, *,
+        lr: float = 0.05, options: dict[str, dict] | None = None, latency_batch: int = 128,
+        latency_repeats: int = 9, data_root: str | None = None, stem: str = "compare", progress: bool = False,
+        command: str | None = None) -> dict:
+    """Train and evaluate every method in ``methods``; returns the result record (also written
+    as ``<out>/<stem>.{md,json,png}`` when ``out`` is given).
+
+    ``data`` is a data set name for :func:`dyninfer.data.load` or a (train, test) pair.
+    ``options[method]`` holds method-specific settings (``expansion`` for any method, fields
+    of its config, SteppingNet's ``construct_fraction``/``iterations``/``teacher_fraction``).
+    ``latency_repeats=0`` skips timing.
+    """
+    from dyninfer import cost, models, report
+    from dyninfer.methods.stepping import check_budgets
+
+    methods = _check_methods(methods)
+    budgets = check_budgets(budgets)
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("latency_batch", latency_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 0:
+        raise ValueError(f"latency_repeats must be an int >= 0, got {latency_repeats!r}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise ValueError(f"options given for methods not compared: {unknown}")
+    if model_name not in models.list_models():
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(models.list_models())}")
+    train, test = _resolve_data(data, data_root)
+    if len(train) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training samples")
+    original = models.create(model_name, num_classes=train.num_classes, expansion=1.0, input_shape=train.input_shape)
+    if not isinstance(original, nn.Sequential):
+        raise ValueError(f"the comparison needs a flat nn.Sequential zoo model (lenet-5, lenet-3c1l, vgg-16); "
+                         f"{model_name} is a {type(original).__name__}")
+    reference = cost.macs(original, train.input_shape)
+
+    results: dict[str, dict] = {}
+    nets: dict[str, Any] = {}
+    for name in methods:
+        setup = Setup(model_name, train, budgets, steps, batch_size, seed, lr, reference, progress,
+                      dict(options.get(name, {})), {n: r["mac_fractions"] for n, r in results.items()})
+        log.info("%s: training (%d steps x %d)", name, steps, batch_size)
+        start = time.perf_counter()
+        with _StepCounter() as counter:
+            net = BUILDERS[name](setup)
+        seconds = time.perf_counter() - start
+        history = getattr(net, "history", {}) or {}
+        reported = history.get("optimizer_steps")
+        if not (counter.count == reported == steps):
+            raise RuntimeError(f"{name} broke the training budget: {steps} optimizer steps were allotted, "
+                               f"its log reports {reported} and {counter.count} optimizer.step() calls were counted")
+        samples = history.get("samples")
+        if samples != steps * batch_size:
+            raise RuntimeError(f"{name} trained on {samples} samples; the budget is {steps} x {batch_size}")
+        accuracies = [float(a) for a in net.evaluate(test)]
+        fractions = [float(f) for f in net.mac_fractions()]
+        incremental = callable(getattr(net, "start", None))
+        path = getattr(net, "path_mac_fraction", None)
+        results[name] = {
+            "description": DESCRIPTIONS[name], "num_subnets": net.num_subnets, "mac_fractions": fractions,
+            "accuracy": accuracies, "incremental": incremental,
+            "path_mac_fraction": (float(path()) if callable(path) else fractions[-1]) if incremental else None,
+            "recompute_mac_fraction": float(sum(fractions)),
+            "optimizer_steps": reported, "counted_optimizer_steps": counter.count, "samples": samples,
+            "phases": history.get("phases", {}), "train_seconds": seconds,
+            "details": {k: history[k] for k in ("config", "multipliers", "channels", "expansion", "exits",
+                                                "width_range", "stepping_config", "construction_warnings")
+                        if k in history},
+        }
+        nets[name] = net
+        log.info("%s: %.0f s; MACs %s; accuracy %s", name, seconds, " ".join(f"{f:.3f}" for f in fractions),
+                 " ".join(f"{a:.4f}" for a in accuracies))
+
+    if latency_repeats:
+        configs: dict[Any, tuple] = {("original", 1): (None, _fold(original))}
+        for name, net in nets.items():
+            for k in range(1, net.num_subnets + 1):
+                configs[(name, k)] = (None, _dense_module(net, k))
+            if results[name]["incremental"]:
+                configs[(name, "path")] = (_path_fn(net), None)
+        timed = measure_latency(configs, train.input_shape, latency_batch, latency_repeats)
+        base = timed[("original", 1)]["ms"]
+        for name, net in nets.items():
+            rows = [timed[(name, k)] for k in range(1, net.num_subnets + 1)]
+            results[name]["latency_ms"] = [r["ms"] for r in rows]
+            results[name]["latency_layout"] = [r["layout"] for r in rows]
+            results[name]["latency_vs_original"] = [r["ms"] / base for r in rows]
+            results[name]["scratch_latency_sum_ms"] = sum(r["ms"] for r in rows)
+            if results[name]["incremental"]:
+                results[name]["path_latency_ms"] = timed[(name, "path")]["ms"]
+        original_latency = timed[("original", 1)]
+    else:
+        original_latency = None
+
+    table = {name: {str(b): matched(r["mac_fractions"], r["accuracy"], b) for b in budgets}
+             for name, r in results.items()}
+    record = {
+        "model": model_name, "data": train.name, "train_n": len(train), "test_n": len(test),
+        "input_shape": list(train.input_shape), "budgets": budgets, "steps": steps, "batch_size": batch_size,
+        "samples_per_method": steps * batch_size, "seed": seed, "lr": lr, "reference_macs": reference,
+        "options": options, "match_tolerance": MATCH_TOLERANCE,
+        "latency": {"batch": latency_batch, "repeats": latency_repeats, "original": original_latency},
+        "machine": report.machine(), "command": command, "methods": results, "matched": table,
+    }
+    if out is not None:
+        record["files"] = [str(p) for p in write(record, out, stem)]
+    return record
+
+
+def _fold(model: nn.Module) -> nn.Module:
+    from dyninfer.nn.tagged import fold_sequential
+
+    return fold_sequential(model.eval()) if isinstance(model, nn.Sequential) else copy.deepcopy(model).eval()
+
+
+# ---------------------------------------------------------------------------- outputs
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def markdown(record: dict) -> str:
+    from dyninfer.report import markdown_table
+
+    budgets = record["budgets"]
+    methods = record["methods"]
+    machine = record["machine"]
+    lines = [f"# {record['model']} on {record['data']}: dynamic-width methods at matched MACs", ""]
+    if record.get("command"):
+        lines += [f"Command: `{record['command']}`", ""]
+    lines += [
+        f"Every method trained for {record['steps']} optimizer steps x batch {record['batch_size']} "
+        f"= {record['samples_per_method']:,} samples (counted by each method and by a global optimizer hook), "
+        f"seed {record['seed']}, SGD lr {record['lr']} (cosine), {record['train_n']} training / "
+        f"{record['test_n']} test images. MACs are fractions of the original {record['model']} "
+        f"({record['reference_macs']:,} MACs).",
+        f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}.", "",
+        "## Test accuracy (%) at matched MAC budgets", "",
+        f"Cell: accuracy of the largest subnet whose MACs are within the budget "
+        f"(+{100 * record['match_tolerance']:.0f} %), with its MAC % in brackets; '-' when none fits.", "",
+    ]
+    rows = []
+    for name, r in methods.items():
+        row = [name]
+        for b in budgets:
+            m = record["matched"][name][str(b)]
+            row.append("-" if m is None else f"{100 * m['accuracy']:.2f} ({100 * m['mac_fraction']:.1f})")
+        rows.append(row)
+    lines += [markdown_table(["method"] + [f"{100 * b:g} % MACs" for b in budgets], rows), ""]
+
+    timed = "latency_ms" in next(iter(methods.values()))
+    lines += ["## Every subnet", ""]
+    if timed:
+        lat = record["latency"]
+        lines += [f"Latency: median of {lat['repeats']} interleaved runs at batch {lat['batch']} of the dense "
+                  f"export (BatchNorm folded; the faster of NCHW and channels_last), on a shared, noisy machine: "
+                  f"compare ratios, not absolute times. Original network: {lat['original']['ms']:.3f} ms "
+                  f"({lat['original']['layout']}). SteppingNet's dense blocks keep pruned weights as zeros.", ""]
+    rows = []
+    for name, r in methods.items():
+        for k in range(r["num_subnets"]):
+            row = [name, k + 1, _pct(r["mac_fractions"][k]), _pct(r["accuracy"][k])]
+            if timed:
+                row += [f"{r['latency_ms'][k]:.3f}", f"{r['latency_vs_original'][k]:.3f}", r["latency_layout"][k]]
+            rows.append(row)
+    headers = ["method", "subnet", "MACs %", "accuracy %"] + (["latency ms", "vs original", "layout"] if timed else [])
+    lines += [markdown_table(headers, rows), ""]
+
+    lines += ["## Incremental cost: smallest -> largest subnet", "",
+              "Incremental methods step up reusing every earlier activation (path = the stepping path); the others "
+              "recompute each subnet from scratch (sum of all subnets). MACs as % of the original network.", ""]
+    rows = []
+    for name, r in methods.items():
+        cost_used = r["path_mac_fraction"] if r["incremental"] else r["recompute_mac_fraction"]
+        row = [name, "yes" if r["incremental"] else "no", _pct(r["path_mac_fraction"]),
+               _pct(r["recompute_mac_fraction"]), _pct(cost_used), f"{cost_used / r['mac_fractions'][-1]:.2f}"]
+        if timed:
+            row += [f"{r['path_latency_ms']:.3f}" if r["incremental"] else "-", f"{r['scratch_latency_sum_ms']:.3f}"]
+        rows.append(row)
+    headers = ["method", "incremental", "stepping path MACs %", "recompute-all MACs %", "cost of 1->N MACs %",
+               "x largest subnet"] + (["path latency ms", "sum of scratch latencies ms"] if timed else [])
+    lines += [markdown_table(headers, rows), ""]
+
+    lines += ["## Training budget", ""]
+    rows = [[name, r["optimizer_steps"], r["counted_optimizer_steps"], r["samples"], f"{r['train_seconds']:.0f}",
+             ", ".join(f"{p} {n}" for p, n in r["phases"].items())] for name, r in methods.items()]
+    lines += [markdown_table(["method", "optimizer steps (own log)", "counted by hook", "samples", "seconds",
+                              "phases"], rows), ""]
+    lines += ["Methods: " + "; ".join(f"**{n}** {methods[n]['description']}" for n in methods) + "."]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: str | Path) -> Path:
+    """Accuracy vs MAC fraction, one line per method (SteppingNet Fig. 6 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>phX*"
+    for i, (name, r) in enumerate(record["methods"].items()):
+        ax.plot([100 * f for f in r["mac_fractions"]], [100 * a for a in r["accuracy"]],
+                marker=markers[i % len(markers)], label=name)
+    for b in record["budgets"]:
+        ax.axvline(100 * b, color="0.85", linestyle=":", zorder=0)
+    ax.set_xlabel("MACs (% of the original network)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{record['model']} on {record['data']}: {record['steps']} steps x {record['batch_size']} per method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write(record: dict, out: str | Path, stem: str = "compare") -> list[Path]:
+    """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` in ``out``."""
+    from dyninfer import report
+
+    out = Path(out)
+    md, js = report.write(out, stem, markdown(record), {**record, "files": None})
+    return [md, js, plot(record, out / f"{stem}.png")]
+
+
+__all__ = ["METHODS", "BUILDERS", "DEFAULT_BUDGETS", "Setup", "matched", "measure_latency", "markdown", "plot",
+           "run", "write"]

@@ -1,0 +1,145 @@
+"""The comparison harness: equal training budgets (asserted from the methods' own logs and a
+global optimizer hook), matched-MAC tables, files written, and the `compare` command."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from dyninfer import compare, data
+from dyninfer.compare_commands import add_commands
+
+SHAPE = (1, 8, 8)
+STEPS, BATCH = 10, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's other load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.split(data.synthetic(320, SHAPE, seed=0), 0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def record(split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    return compare.run("lenet-5", split, methods=compare.METHODS, budgets=[0.3, 0.6, 0.9], steps=STEPS,
+                       batch_size=BATCH, seed=0, out=out, latency_batch=4, latency_repeats=1)
+
+
+def test_every_method_gets_the_same_steps_times_batch(record):
+    assert set(record["methods"]) == set(compare.METHODS)
+    for name, r in record["methods"].items():
+        assert r["optimizer_steps"] == STEPS, name
+        assert r["counted_optimizer_steps"] == STEPS, name
+        assert r["samples"] == STEPS * BATCH, name
+        assert sum(r["phases"].values()) == STEPS, (name, r["phases"])
+    phases = record["methods"]["stepping"]["phases"]
+    assert phases["construct"] >= 1 and phases["construct"] + phases.get("retrain", 0) == STEPS
+    assert record["methods"]["individual"]["phases"] == {"subnet-1": 3, "subnet-2": 3, "subnet-3": 4}
+
+
+def test_subnets_are_matched_to_the_budgets(record):
+    for name, r in record["methods"].items():
+        assert len(r["accuracy"]) == len(r["mac_fractions"]) == r["num_subnets"]
+        assert all(0 <= a <= 1 for a in r["accuracy"])
+        if name != "earlyexit":  # exits sit where the architecture puts them
+            assert all(f <= b * 1.0001 for f, b in zip(r["mac_fractions"], [0.3, 0.6, 0.9])), (name, r["mac_fractions"])
+        for b in record["budgets"]:
+            cell = record["matched"][name][str(b)]
+            if cell is not None:
+                assert cell["mac_fraction"] <= b * (1 + compare.MATCH_TOLERANCE)
+    incremental = {n for n, r in record["methods"].items() if r["incremental"]}
+    assert incremental == {"stepping", "anywidth", "earlyexit"}
+    for name, r in record["methods"].items():
+        if r["incremental"]:
+            assert r["path_mac_fraction"] < r["recompute_mac_fraction"]
+        assert len(r["latency_ms"]) == r["num_subnets"] and all(t > 0 for t in r["latency_ms"])
+
+
+def test_table_json_and_plot_are_written(record):
+    md, js, png = map(lambda p: __import__("pathlib").Path(p), record["files"])
+    assert md.name == "compare.md" and js.name == "compare.json" and png.name == "compare.png"
+    text = md.read_text()
+    for name in compare.METHODS:
+        assert f"| {name} |" in text
+    assert "Incremental cost" in text and "counted by hook" in text
+    saved = json.loads(js.read_text())
+    assert saved["methods"]["slimmable"]["accuracy"] == record["methods"]["slimmable"]["accuracy"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_harness_rejects_a_method_that_overspends(split, monkeypatch):
+    honest = compare.BUILDERS["earlyexit"]
+
+    def greedy(setup):
+        net = honest(setup)
+        extra = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        extra.step()  # one optimizer step the method's own log does not report
+        return net
+
+    monkeypatch.setitem(compare.BUILDERS, "earlyexit", greedy)
+    with pytest.raises(RuntimeError, match="broke the training budget"):
+        compare.run("lenet-5", split, methods=["earlyexit"], budgets=[0.5, 1.0], steps=2, batch_size=16,
+                    latency_repeats=0)
+
+
+def test_matched_picks_the_largest_subnet_within_budget():
+    assert compare.matched([0.1, 0.3, 0.55], [0.5, 0.7, 0.8], 0.5) == {"subnet": 2, "mac_fraction": 0.3,
+                                                                       "accuracy": 0.7}
+    assert compare.matched([0.1, 0.3, 0.505], [0.5, 0.7, 0.8], 0.5)["subnet"] == 3  # within 1 %
+    assert compare.matched([0.2], [0.9], 0.1) is None
+
+
+def test_step_view_yields_exactly_the_requested_full_batches(split):
+    view = compare._StepView(split[0], 7, 16, seed=3)
+    batches = list(view.batches(16, shuffle=True, augment=True))
+    assert len(view) == 7 * 16 and len(batches) == 7 and all(x.shape[0] == 16 for x, _ in batches)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="dyninfer")
+    add_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_compare_command_writes_the_report(tmp_path, capsys):
+    args = _parser().parse_args(["compare", "--model", "lenet-5", "--data", "digits", "--methods",
+                                 "slimmable,earlyexit", "--budgets", "0.3,0.9", "--steps", "3", "--batch-size", "32",
+                                 "--latency-repeats", "1", "--latency-batch", "4", "--out", str(tmp_path), "--quiet"])
+    assert args.func(args) == 0
+    assert "slimmable" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["data"] == "digits" and saved["command"].startswith("dyninfer")
+    assert {r["optimizer_steps"] for r in saved["methods"].values()} == {3}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "slimmable,dropout"], "unknown methods"),
+    (["--budgets", "0.5,0.3"], "strictly increasing"),
+    (["--budgets", "0.5,x"], "comma-separated"),
+    (["--options", "{\"us\": 3}"], "--options"),
+])
+def test_compare_command_user_errors(argv, message, tmp_path):
+    args = _parser().parse_args(["compare", "--model", "lenet-5", "--steps", "1", "--out", str(tmp_path)] + argv)
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
+def test_us_can_be_deployed_at_another_methods_exact_fractions(split):
+    rec = compare.run("lenet-5", split, methods=["earlyexit", "us"], budgets=[0.3, 0.6], steps=2, batch_size=16,
+                      latency_repeats=0, options={"us": {"at": "earlyexit", "calibration_samples": 32}})
+    exits, us = rec["methods"]["earlyexit"]["mac_fractions"], rec["methods"]["us"]["mac_fractions"]
+    assert len(us) == len(exits) == 3 and us[-1] == 1.0  # not the 2 budgets: the exits' fractions
+    assert all(0.8 * e <= u <= e for u, e in zip(us, exits)), (us, exits)
+    with pytest.raises(ValueError, match="compared before us"):
+        compare.run("lenet-5", split, methods=["us"], budgets=[0.5], steps=1, batch_size=16, latency_repeats=0,
+                    options={"us": {"at": "stepping"}})
