@@ -100,7 +100,7 @@ def test_dl_dr_matches_finite_difference():
     net = TaggedSequential(toy_model(bn=True), 1, SHAPE).double()
     warm_bn(net, torch.randn(16, *SHAPE, dtype=torch.float64))
     x, y = torch.randn(6, *SHAPE, dtype=torch.float64), torch.randint(0, 10, (6,))
-    cfg = SteppingConfig(alpha_growth=1.5)
+    cfg = SteppingConfig(alpha_growth=1.5, normalize_importance=False)
     scores = importance(net, [(x, y)], cfg)
     layer, channel, eps = 1, 3, 1e-6
     bn = net.norms[layer]
@@ -122,10 +122,21 @@ def test_importance_weights_larger_subnets_by_alpha():
     net = TaggedSequential(toy_model(), 2, SHAPE)
     net.eval()
     x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
-    a = importance(net, [(x, y)], SteppingConfig(alpha_growth=1.0))
-    b = importance(net, [(x, y)], SteppingConfig(alpha_growth=3.0))
+    a = importance(net, [(x, y)], SteppingConfig(alpha_growth=1.0, normalize_importance=False))
+    b = importance(net, [(x, y)], SteppingConfig(alpha_growth=3.0, normalize_importance=False))
     # All neurons have tag 1, so M = |g1| + alpha_2 |g2|, and g2 = g1 here (subnet 2 == subnet 1).
     torch.testing.assert_close(b[0], a[0] * 2.0, rtol=1e-4, atol=1e-7)
+
+
+def test_normalized_importance_has_unit_mean_per_layer():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    net.eval()
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+    raw = importance(net, [(x, y)], SteppingConfig(normalize_importance=False))
+    scaled = importance(net, [(x, y)], SteppingConfig())
+    for r, s in zip(raw, scaled):
+        assert s.mean().item() == pytest.approx(1.0, rel=1e-5)
+        torch.testing.assert_close(s, r / r.mean())
 
 
 def test_moving_a_neuron_removes_forbidden_synapses_and_revives_pruned_ones():
