@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dyninfer import argtypes
+
 COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.runtime.commands", "dyninfer.compare_commands")
 DEFAULT_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}  # SteppingNet paper, Sec. IV
 
@@ -25,31 +27,6 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _budgets(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers like 0.1,0.3,0.5,0.85; got {text!r}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"input shape must be C,H,W like 3,32,32; got {text!r}")
-    return shape  # type: ignore[return-value]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -265,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a zoo model (teachers, original networks)")
     p.add_argument("--model", required=True)
     common_data(p)
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--epochs", type=argtypes.positive_int, default=10)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
@@ -280,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("construct", help="build a SteppingNet (construction + retraining)")
     p.add_argument("--model", required=True)
     common_data(p)
-    p.add_argument("--budgets", type=_budgets, required=True, help="MAC budgets as fractions of the original, e.g. 0.1,0.3,0.5,0.85")
+    p.add_argument("--budgets", type=argtypes.budgets, required=True, help="MAC budgets as fractions of the original, e.g. 0.1,0.3,0.5,0.85")
     p.add_argument("--teacher", default=None, help="run directory of the original network (`dyninfer train`)")
     p.add_argument("--expansion", type=float, default=None, help="width expansion (default: the paper's per model)")
-    p.add_argument("--iterations", type=_positive_int, default=300, help="N_t")
-    p.add_argument("--batches-per-iteration", type=_positive_int, default=250, help="m")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--iterations", type=argtypes.positive_int, default=300, help="N_t")
+    p.add_argument("--batches-per-iteration", type=argtypes.positive_int, default=250, help="m")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--retrain-epochs", type=int, default=10)
     p.add_argument("--retrain-lr", type=float, default=0.01)
@@ -305,16 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="layers, MACs and parameters of a zoo model")
     p.add_argument("model")
-    p.add_argument("--input-shape", type=_shape, default=(3, 32, 32))
-    p.add_argument("--num-classes", type=_positive_int, default=10)
+    p.add_argument("--input-shape", type=argtypes.shape, default=(3, 32, 32))
+    p.add_argument("--num-classes", type=argtypes.positive_int, default=10)
     p.add_argument("--expansion", type=float, default=1.0)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data set")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--teacher-epochs", type=_positive_int, default=15)
-    p.add_argument("--iterations", type=_positive_int, default=40)
-    p.add_argument("--retrain-epochs", type=_positive_int, default=15)
+    p.add_argument("--teacher-epochs", type=argtypes.positive_int, default=15)
+    p.add_argument("--iterations", type=argtypes.positive_int, default=40)
+    p.add_argument("--retrain-epochs", type=argtypes.positive_int, default=15)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

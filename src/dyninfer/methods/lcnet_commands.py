@@ -16,27 +16,9 @@ from typing import Any
 
 import torch
 
+from dyninfer import argtypes
+
 __all__ = ["add_commands", "cmd_train", "cmd_eval", "write_plots"]
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -52,12 +34,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--expansion", type=float, default=1.0, help="backbone width (ignored with --pretrained)")
     p.add_argument("--mode", choices=MODES, default="parallel")
-    p.add_argument("--l1", type=_nonneg_float, default=1.0, help="L1 strength on S_L and S_C")
-    p.add_argument("--l1-channel", type=_nonneg_float, default=None, help="L1 strength on S_C (default: --l1)")
-    p.add_argument("--slope", type=_nonneg_float, default=0.01, help="leaky ReLU-1 slope in training")
+    p.add_argument("--l1", type=argtypes.nonneg_float, default=1.0, help="L1 strength on S_L and S_C")
+    p.add_argument("--l1-channel", type=argtypes.nonneg_float, default=None, help="L1 strength on S_C (default: --l1)")
+    p.add_argument("--slope", type=argtypes.nonneg_float, default=0.01, help="leaky ReLU-1 slope in training")
     p.add_argument("--pretrained", default=None, metavar="RUN", help="run directory of `dyninfer train`")
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--epochs", type=argtypes.positive_int, default=10)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--lr", type=float, default=None,
                    help=f"backbone LR (default 0.05; {PRETRAINED_LR} with --pretrained)")
     p.add_argument("--control-lr", type=float, default=None,
@@ -72,8 +54,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--mode", choices=MODES, default=None, help="gate schedule (default: the trained one)")
     p.add_argument("--out", default=None, help="where plots and tables go (default: the run directory)")
-    p.add_argument("--blocks", type=_positive_int, default=3, help="last blocks shown in the channel heat map")
-    p.add_argument("--grid", type=_positive_int, default=8, help="images per side of the lowest/highest-MAC grids")
+    p.add_argument("--blocks", type=argtypes.positive_int, default=3, help="last blocks shown in the channel heat map")
+    p.add_argument("--grid", type=argtypes.positive_int, default=8, help="images per side of the lowest/highest-MAC grids")
     p.set_defaults(func=cmd_eval)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dyninfer.data import ImageSet
+from dyninfer.methods.face import TaggedSubnets
 from dyninfer.nn.tagged import TaggedSequential
 
 SCHEDULES = ("joint", "sequential")
@@ -256,7 +257,7 @@ def move_neurons(net: TaggedSequential, scores: list[torch.Tensor], subnet: int,
 
 
 # ---------------------------------------------------------------------------- the face
-class SteppingNet(nn.Module):
+class SteppingNet(TaggedSubnets, nn.Module):
     """Nested subnets with incremental accuracy; subnet k+1 reuses all of subnet k's results."""
 
     def __init__(self, net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
@@ -267,28 +268,6 @@ class SteppingNet(nn.Module):
         self.reference_macs = int(reference_macs)
         self.config = config or SteppingConfig()
         self.history = history or {}
-
-    @property
-    def num_subnets(self) -> int:
-        return self.net.num_subnets
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.net.input_shape
-
-    def macs(self) -> list[int]:
-        """Exact MACs of each subnet (pruned weights excluded)."""
-        return self.net.macs_per_subnet()
-
-    def mac_fractions(self) -> list[float]:
-        """MACs of each subnet / MACs of the original (unexpanded) network."""
-        return [m / self.reference_macs for m in self.macs()]
-
-    def subnet_macs(self, input_shape=None, subnet=None) -> int:
-        return self.net.subnet_macs(input_shape, subnet)
-
-    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
-        return self.net(x, subnet)
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""

@@ -12,35 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 like 1,128; got {text!r}")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers like 1,2.5,10; got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+from dyninfer import argtypes
 
 
 def load_run(run: str | Path):
@@ -154,9 +126,9 @@ def add_commands(subparsers) -> None:
     """Register ``bench`` and ``simulate`` on the main CLI's subparsers."""
     p = subparsers.add_parser("bench", help="measure latency: subnets from scratch, steps, stepping path")
     p.add_argument("run", help="run directory of a stepping net (`dyninfer construct` / `dyninfer demo`)")
-    p.add_argument("--batches", type=_int_list, default=[1, 128], help="batch sizes (default 1,128)")
-    p.add_argument("--threads", type=_int_list, default=[1, 2], help="thread counts (default 1,2)")
-    p.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per configuration (default 20)")
+    p.add_argument("--batches", type=argtypes.int_list, default=[1, 128], help="batch sizes (default 1,128)")
+    p.add_argument("--threads", type=argtypes.int_list, default=[1, 2], help="thread counts (default 1,2)")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=20, help="timed runs per configuration (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per configuration first (default 5)")
     p.add_argument("--out", default=None, help="where bench.md/bench.json go (default: the run directory)")
     p.add_argument("--quiet", action="store_true")
@@ -170,9 +142,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--trace-ms", type=float, default=500.0, help="length of the example trace (default 500)")
     p.add_argument("--segment-ms", type=float, default=2.0,
                    help="mean time the example trace holds one rate (default 2; the largest subnet takes 1 ms at peak)")
-    p.add_argument("--deadlines", type=_float_list, default=None,
+    p.add_argument("--deadlines", type=argtypes.positive_floats, default=None,
                    help="per-input deadlines in ms (default: around the largest subnet's time at the mean rate)")
-    p.add_argument("--inputs", type=_positive_int, default=300, help="inputs played per deadline (default 300)")
+    p.add_argument("--inputs", type=argtypes.positive_int, default=300, help="inputs played per deadline (default 300)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where simulate.md/.json/.png go (default: the run directory)")

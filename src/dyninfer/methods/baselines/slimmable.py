@@ -20,6 +20,7 @@ from dyninfer.methods.baselines._common import (
     BaselineConfig, StepLog, batch_stream, evaluate_subnets, input_shape_of, loss_step,
     match_prefix_counts, reference_of, run_steps, sgd,
 )
+from dyninfer.methods.face import TaggedSubnets
 from dyninfer.nn.tagged import TaggedSequential
 
 
@@ -28,7 +29,7 @@ class SlimmableConfig(BaselineConfig):
     """Slimmable training: the sum of every width's cross-entropy per batch."""
 
 
-class SlimmableNet(nn.Module):
+class SlimmableNet(TaggedSubnets, nn.Module):
     """Nested-width subnets with the full rule and per-subnet BatchNorm (slimmable, US-Nets)."""
 
     def __init__(self, net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
@@ -42,30 +43,10 @@ class SlimmableNet(nn.Module):
         self.multipliers = [float(m) for m in multipliers]
         self.history = history or {}
 
-    @property
-    def num_subnets(self) -> int:
-        return self.net.num_subnets
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.net.input_shape
-
-    def macs(self) -> list[int]:
-        return self.net.macs_per_subnet()
-
-    def mac_fractions(self) -> list[float]:
-        return [m / self.reference_macs for m in self.macs()]
-
-    def subnet_macs(self, input_shape=None, subnet=None) -> int:
-        return self.net.subnet_macs(input_shape, subnet)
-
     def channels(self) -> list[list[int]]:
         """Channels per hidden layer of each subnet."""
         counts = self.net.counts()
         return [[sum(c[:k]) for c in counts] for k in range(1, self.num_subnets + 1)]
-
-    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
-        return self.net(x, subnet)
 
     def evaluate(self, data: ImageSet, batch_size: int = 512) -> list[float]:
         """Top-1 accuracy of every subnet (one pass per subnet: the full rule shares nothing)."""
