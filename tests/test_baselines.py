@@ -16,15 +16,6 @@ SHAPE = (1, 8, 8)
 COUNTS = [[2, 3, 4], [4, 5, 8], [6, 8, 12]]  # toy model: subnet k's channels per hidden layer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's other load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(

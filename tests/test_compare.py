@@ -14,15 +14,6 @@ SHAPE = (1, 8, 8)
 STEPS, BATCH = 10, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's other load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def split():
     return data.split(data.synthetic(320, SHAPE, seed=0), 0.25, seed=0)

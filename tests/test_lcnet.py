@@ -15,16 +15,6 @@ from dyninfer.methods.lcnet_commands import add_commands
 from dyninfer.nn.gates import BlockGate, SaliencyActivation, leaky_relu1, relu1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: one thread is fastest, and immune to a busy machine's other jobs
-    (2-thread OpenMP regions on 2 shared cores stalled BatchNorm 300x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name="resnet-20", shape=(3, 8, 8), seed=0):
     torch.manual_seed(seed)
     return models.create(name, num_classes=10, expansion=0.25, input_shape=shape)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from helpers import random_tags
 from dyninfer import cost, export, models
 from dyninfer.methods.stepping import SteppingNet
 from dyninfer.nn.tagged import TaggedSequential
@@ -18,14 +19,6 @@ from dyninfer.runtime.commands import add_commands
 
 SHAPE = (1, 8, 8)
 N = 3
-
-
-def random_tags(net: TaggedSequential, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for i in range(net.num_hidden):
-        tags = torch.randint(1, net.num_subnets + 2, net.tags(i).shape, generator=g)
-        tags[0] = 1  # subnet 1 keeps a neuron in every layer
-        net.tags(i).copy_(tags)
 
 
 def tagged_lenet(seed: int = 0, name: str = "lenet-5") -> TaggedSequential:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import random_tags
 from dyninfer import export
 from dyninfer.methods.stepping import (
     SteppingConfig, check_budgets, construct, importance, move_neurons, suppression_factors, train_step,
@@ -28,14 +29,6 @@ def toy_model(seed: int = 0, bn: bool = True) -> nn.Sequential:
         nn.Conv2d(1, 6, 3, padding=1), norm(6), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 8, 3, padding=1), norm(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(8 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 10))
-
-
-def random_tags(net: TaggedSequential, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for i in range(net.num_hidden):
-        tags = torch.randint(1, net.num_subnets + 2, net.tags(i).shape, generator=g)
-        tags[0] = 1  # subnet 1 keeps a neuron in every layer
-        net.tags(i).copy_(tags)
 
 
 def warm_bn(net: TaggedSequential, x: torch.Tensor) -> None:
