@@ -78,6 +78,14 @@ def step_time(module, train_set, batch_size: int, steps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def write_run_json(run_dir: Path, model_name: str, data_name: str, original: float) -> None:
+    """Make the saved net a run directory that `dyninfer eval/bench/simulate` understand."""
+    meta = {"kind": "stepping", "model": model_name, "data": data_name, "data_root": None,
+            "expansion": EXPANSION[model_name], "original_accuracy": original,
+            "command": "python " + " ".join(sys.argv)}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: Path, seed: int) -> dict:
     train_set, test_set = dy.data.load(data_name)
     teacher, original, teacher_epoch_s, teacher_epochs = teacher_for(
@@ -116,8 +124,9 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
         "cost_vs_largest_subnet_same_steps": total_s / (total_batches * alone),
         "config": asdict(config), "paper": PAPER.get((model_name, data_name)),
     }
-    net.save(runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}" / "stepping",
-             extra={"original_accuracy": original})
+    run_dir = runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}"
+    net.save(run_dir / "stepping", extra={"original_accuracy": original})
+    write_run_json(run_dir, model_name, data_name, original)
     print(json.dumps({k: result[k] for k in ("model", "data", "schedule", "accuracy", "mac_fraction")}), flush=True)
     return result
 
