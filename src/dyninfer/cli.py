@@ -223,8 +223,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 run.step()
     print(f"\nincremental check: stepping 1->{net.num_subnets} reuses every earlier activation and "
           f"matches from-scratch logits to {worst:.1e}")
+    print_latency(net, batch=128)
     print(f"done in {time.perf_counter() - start:.0f} s; run saved to {out} (try `dyninfer eval {out}`)")
     return 0
+
+
+def print_latency(net, batch: int) -> None:
+    """Measured wall-clock latency of each subnet and each step (compacted form, this machine)."""
+    from dyninfer import report
+    from dyninfer.runtime.latency import calibrate
+
+    model = calibrate(net, batch=batch, repeats=15)
+    macs = net.macs()
+    rows = [(k, f"{macs[k - 1] / macs[-1]:.3f}", f"{model.scratch_ms[k - 1]:.3f}",
+             f"{model.scratch_ms[k - 1] / model.scratch_ms[-1]:.3f}", f"{model.step_ms[k - 1]:.3f}")
+            for k in range(1, net.num_subnets + 1)]
+    print(f"\nmeasured latency at batch {batch}, {model.threads} threads (median of {model.repeats} interleaved runs):")
+    print(report.markdown_table(["subnet", "MACs / largest", "from scratch (ms)", "latency / largest",
+                                 "step into it (ms)"], rows))
+    path = sum(model.step_ms)
+    print(f"stepping 1->{net.num_subnets}: {path:.3f} ms = {path / model.scratch_ms[-1]:.2f}x running the largest "
+          f"subnet once from scratch")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -290,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded digits data set")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--teacher-epochs", type=argtypes.positive_int, default=15)
-    p.add_argument("--iterations", type=argtypes.positive_int, default=40)
+    p.add_argument("--iterations", type=argtypes.positive_int, default=45)
     p.add_argument("--retrain-epochs", type=argtypes.positive_int, default=15)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
