@@ -227,6 +227,17 @@ def test_controller_never_starts_a_step_predicted_not_to_fit(tagged):
     assert out.time_ms == pytest.approx(18.0)  # six clock readings of 3 ms
 
 
+def test_controller_scales_predictions_by_the_slowdown_it_observes(tagged):
+    cnet = compact(tagged)
+    x = torch.randn(1, *SHAPE)
+    # calibrated 1 ms per step, but every clock reading advances 3 ms: subnet 1 took 3x longer
+    # than calibrated, so the next step is predicted at 3 ms, not 1 ms
+    out = predict(cnet, x, deadline_ms=8.0, model=FakeModel([1.0, 1.0, 1.0]), clock=FakeClock(3.0))
+    assert out.subnet == 1 and out.stopped_by == "deadline"  # 2 ms left < 3 ms predicted
+    out = predict(cnet, x, deadline_ms=9.5, model=FakeModel([1.0, 1.0, 1.0]), clock=FakeClock(3.0))
+    assert out.subnet >= 2 and out.records[1].predicted_ms == pytest.approx(3.0)
+
+
 def test_controller_with_random_predictions_only_takes_fitting_steps(tagged):
     cnet = compact(tagged)
     x = torch.randn(1, *SHAPE)

@@ -63,6 +63,9 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
             model=None, clock: Callable[[], float] = time.perf_counter) -> PredictResult:
     """Anytime answer: subnet 1, then each next step whose predicted time / MACs still fit.
 
+    Predictions are the model's step times scaled by the largest slowdown (measured / calibrated)
+    seen so far in this call, so a machine that got busier since calibration stops earlier.
+
     ``model`` is anything with ``next_step_ms(subnet) -> ms`` (a :class:`LatencyModel`); with a
     deadline and no model, one is calibrated for this batch size (cached).  ``clock`` returns
     seconds (inject one for deterministic tests).
@@ -85,6 +88,11 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
     first = clock()
     records = [StepRecord(1, model.next_step_ms(0) if model is not None else None, 1e3 * (first - start), macs[0])]
     used, stopped_by = macs[0], "largest"
+    # Load awareness: if this call's steps run slower than calibrated (another process holds a
+    # core, caches are cold), scale every later prediction by the slowest ratio seen so far.
+    slowdown = 1.0
+    if records[0].predicted_ms:
+        slowdown = max(1.0, records[0].actual_ms / records[0].predicted_ms)
     while session.can_step():
         k = session.subnet
         if budget_macs is not None and used + step_macs[k] > budget_macs:
@@ -92,7 +100,7 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
             break
         predicted = remaining = None
         if deadline_ms is not None:
-            predicted = float(model.next_step_ms(k))
+            predicted = float(model.next_step_ms(k)) * slowdown
             remaining = deadline_ms - 1e3 * (clock() - start)
             if predicted > remaining:
                 stopped_by = "deadline"
@@ -101,6 +109,8 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         session.step()
         records.append(StepRecord(k + 1, predicted, 1e3 * (clock() - t0), step_macs[k], remaining))
         used += step_macs[k]
+        if predicted:
+            slowdown = max(slowdown, records[-1].actual_ms / (predicted / slowdown))
     elapsed = 1e3 * (clock() - start)
     return PredictResult(session.logits, session.subnet, elapsed, session.subnet - 1, used, deadline_ms,
                          budget_macs, records, stopped_by)
