@@ -211,6 +211,46 @@ def test_sequential_and_joint_schedules_both_train():
         assert len(first) == 2 and all(b < a for a, b in zip(first, last)), schedule
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that snapshots a watched weight whenever a subnet's turn starts (zero_grad)."""
+
+    def __init__(self, params, watched, **kw):
+        super().__init__(params, **kw)
+        self.watched, self.snapshots = watched, []
+
+    def zero_grad(self, set_to_none=True):
+        self.snapshots.append(self.watched.detach().clone())
+        super().zero_grad(set_to_none)
+
+
+def test_sequential_training_of_subnet_j_leaves_larger_subnets_alone():
+    net = TaggedSequential(toy_model(), 2, SHAPE)
+    random_tags(net, 4)
+    net.train()
+    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
+    cfg = SteppingConfig(schedule="sequential", weight_decay=0.1)
+    weight = net.layers[1].weight
+    opt = RecordingSGD(net.parameters(), weight, lr=0.1, momentum=0.9)
+    train_step(net, x, y, opt, cfg)  # momentum now holds velocity for every row
+    train_step(net, x, y, opt, cfg)
+    larger = net.tags(1) > 1
+    assert larger.any() and (~larger).any()
+    # turns: (batch 1: subnet 1, subnet 2), (batch 2: subnet 1, subnet 2)
+    before_subnet_1, after_subnet_1, after_subnet_2 = opt.snapshots[2], opt.snapshots[3], weight.detach()
+    assert torch.equal(after_subnet_1[larger], before_subnet_1[larger])  # frozen while subnet 1 trains
+    assert not torch.equal(after_subnet_1[~larger], before_subnet_1[~larger])
+    assert not torch.equal(after_subnet_2[larger], after_subnet_1[larger])  # trained by subnet 2
+
+
+def test_construct_leaves_the_callers_model_untouched():
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SteppingConfig(iterations=2, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False)
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    construct(model, synthetic_set(), [0.5, 0.9], cfg, reference_macs=full)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("budgets, message", [
     ([0.5, 0.3], "strictly increasing"),
     ([0.0, 0.5], "(0, 1]"),

@@ -12,6 +12,7 @@ Where things happen, by function:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -153,11 +154,35 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
         optimizer.zero_grad(set_to_none=True)
         loss = subnet_loss(net(x, subnet=j, straight_through=True), y, teacher_logits, config)
         loss.backward()
-        scale = lambda tags, j=j: beta ** (j - tags).clamp(min=0)  # noqa: E731
+
+        def scale(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # 0 for neurons outside subnet j
+            return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
+
         net.shape_gradients(scale, scale, wd)
-        optimizer.step()
+        with _frozen_above(net, j):  # momentum must not move weights subnet j does not use
+            optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+class _frozen_above:
+    """Context: slices owned by subnets larger than ``subnet`` keep their values."""
+
+    def __init__(self, net: TaggedSequential, subnet: int):
+        self.net, self.subnet = net, subnet
+
+    def __enter__(self):
+        self.saved = []
+        for p, tags, dim in self.net.param_tags():
+            idx = torch.nonzero(tags > self.subnet).squeeze(1)
+            if len(idx) and tags.numel() == p.shape[dim]:
+                self.saved.append((p, dim, idx, p.detach().index_select(dim, idx).clone()))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, dim, idx, values in self.saved:
+                p.index_copy_(dim, idx, values)
+        return False
 
 
 def make_optimizer(net: nn.Module, lr: float, config: SteppingConfig) -> torch.optim.Optimizer:
@@ -175,7 +200,8 @@ def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torc
     """
     n = net.num_subnets
     alphas = [config.alpha_growth ** (k - 1) for k in range(1, n + 1)]
-    grads = [[torch.zeros(len(net.tags(i))) for i in range(net.num_hidden)] for _ in range(n)]
+    grads = [[torch.zeros(len(net.tags(i)), device=net.tags(i).device) for i in range(net.num_hidden)]
+             for _ in range(n)]
     was_training = net.training
     net.eval()  # running BN statistics: estimating importance must not change the model
     try:
@@ -194,9 +220,9 @@ def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torc
     scores = []
     for i in range(net.num_hidden):
         tags = net.tags(i)
-        score = torch.zeros(len(tags))
+        score = torch.zeros(len(tags), device=tags.device)
         for k in range(1, n + 1):
-            score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][i], torch.zeros(()))
+            score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][i], torch.zeros((), device=tags.device))
         if config.normalize_importance:
             live = score[tags <= n]
             score = score / live.mean().clamp(min=1e-12) if len(live) else score
@@ -397,7 +423,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         raise ValueError(f"model was built for inputs {input_shape} but the data has {train.input_shape}")
     reference = int(reference_macs) if reference_macs is not None else reference_macs_of(model)
     torch.manual_seed(cfg.seed)
-    net = TaggedSequential(model, len(budgets), input_shape)
+    # A copy: the caller's model stays what it was (e.g. usable as the retraining teacher).
+    net = TaggedSequential(copy.deepcopy(model), len(budgets), input_shape)
     n = net.num_subnets
     limits = [b * reference for b in budgets]
     total = net.subnet_macs(subnet=n)
