@@ -47,7 +47,7 @@ class PredictResult:
 
 
 def _macs_of(net, cnet) -> list[int]:
-    for source in (net, cnet):
+    for source in (cnet, net):  # the compacted net stores its MACs; counting them again costs time
         counter = getattr(source, "macs", None)
         if callable(counter):
             try:
