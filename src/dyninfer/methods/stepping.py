@@ -452,7 +452,9 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         entry["moved"] = _move_round(net, [next(stream) for _ in range(cfg.importance_batches)], cfg,
                                      limits, amount)
         history["iterations"].append(entry)
-        bar.set_postfix_str(" ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in zip(net.macs_per_subnet(), budgets)))
+        bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
+                                                      zip(net.macs_per_subnet(), budgets))
+                            + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
     history["construction_seconds"] = time.perf_counter() - started
 
     trims = 0
