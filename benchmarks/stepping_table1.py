@@ -39,7 +39,7 @@ PAPER = {  # Table I, CIFAR-10 (VGG-16: CIFAR-100); accuracy %, MACs %
 }
 PRESETS = {  # CPU presets: what fits a session on 2 cores; "paper" is the full schedule for a GPU
     "cpu": {"lenet-5": dict(iterations=40, batches_per_iteration=50, retrain_epochs=10, teacher_epochs=15),
-            "lenet-3c1l": dict(iterations=30, batches_per_iteration=30, retrain_epochs=4, teacher_epochs=10),
+            "lenet-3c1l": dict(iterations=20, batches_per_iteration=20, retrain_epochs=2, teacher_epochs=8),
             "vgg-16": dict(iterations=20, batches_per_iteration=20, retrain_epochs=2, teacher_epochs=5)},
     "smoke": {m: dict(iterations=2, batches_per_iteration=2, retrain_epochs=1, teacher_epochs=1) for m in BUDGETS},
     "paper": {m: dict(iterations=300, batches_per_iteration=250, retrain_epochs=100, teacher_epochs=100) for m in BUDGETS},
