@@ -353,3 +353,23 @@ def test_divergence_is_reported_and_keeps_the_checkpoint(tmp_path):
         fit(Net(), stripes(32), TrainConfig(**FAST), out=tmp_path, loss_fn=nan_after_first_epoch, callbacks=[Track()])
     _, meta = ckpt.load(tmp_path / "checkpoint")
     assert meta["epochs_done"] == 1
+
+
+def test_linear_warmup_ramps_the_learning_rate():
+    class Record:
+        def __init__(self):
+            self.lrs = []
+
+        def on_after_backward(self, state):
+            self.lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (48, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(48) % 2, 2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    record = Record()
+    fit(model, data, TrainConfig(epochs=2, batch_size=8, lr=0.1, schedule="none", warmup_steps=4, progress=False),
+        callbacks=[record])
+    assert record.lrs[:6] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert len(record.lrs) == 12 and all(lr == pytest.approx(0.1) for lr in record.lrs[4:])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)

@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           input_shape=train_set.input_shape)
     config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                                lr=args.lr, schedule=args.schedule, seed=args.seed,
-                               label_smoothing=args.label_smoothing, progress=not args.quiet)
+                               label_smoothing=args.label_smoothing, warmup_steps=args.warmup_steps,
+                               progress=not args.quiet)
     out = Path(args.out)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up over this many steps")
     p.add_argument("--expansion", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -42,6 +42,9 @@ _RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_s
 class TrainConfig:
     """How to train. ``lr=None`` picks 0.05 for SGD and 1e-3 for Adam.
 
+    ``warmup_steps`` ramps the LR linearly from lr/warmup_steps to the scheduled LR over the first
+    optimizer steps.
+
     ``schedule`` is applied per epoch: "cosine" anneals to 0 over ``epochs``; "step" multiplies
     the LR by ``step_gamma`` at each of ``step_milestones`` (fractions of ``epochs``); "none"
     keeps it constant. ``log_every`` is how many steps pass between reads of the loss for the
@@ -60,6 +63,7 @@ class TrainConfig:
     step_milestones: tuple[float, ...] = (0.5, 0.75)
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
+    warmup_steps: int = 0
     augment: bool = True
     drop_last: bool = False
     seed: int = 0
@@ -78,6 +82,8 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise bad("warmup_steps", "an int >= 0")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "an int >= 1")
@@ -517,6 +523,10 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
                 state.batch_index = i
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
+                if state.step <= config.warmup_steps and config.warmup_steps:  # linear LR warm-up
+                    ramp = min(1.0, (state.step + 1) / config.warmup_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["initial_lr"] * lr_factor(config, epoch) * ramp
                 loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
                 loss.backward()
                 _call(callbacks, "on_after_backward", state)
