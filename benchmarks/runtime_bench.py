@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                          else [])
     for run in runs:
         jobs.append((f"run {run}", lambda run=run: load_run(run)[0]))
-    for spec in (args.synthetic if args.synthetic is not None else DEFAULT_SYNTHETIC):
+    specs = args.synthetic if args.synthetic is not None else DEFAULT_SYNTHETIC
+    for spec in ([] if specs == ["none"] else specs):  # `--synthetic none`: stepping runs only
         name, shape, n = parse_synthetic(spec)
         jobs.append((f"{name} {'x'.join(map(str, shape))}, {n} uniform-width subnets",
                      lambda name=name, shape=shape, n=n: uniform_net(name, shape, n)))
