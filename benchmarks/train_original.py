@@ -78,7 +78,8 @@ def main() -> None:
           f"{r['images_per_s_median']:.0f} [{r['images_per_s_min']:.0f}, {r['images_per_s_max']:.0f}]") for r in rows])
     machine = report.machine()
     md = (f"# Original networks\n\nCommand: `{command}`\n\nMachine: {machine}\n\n{table}\n\n"
-          "Training: SGD Nesterov 0.9, lr 0.05, cosine, weight decay 5e-4, batch 128; CIFAR with crop+flip.\n"
+          f"Training: SGD Nesterov 0.9, lr {args.lr if args.lr is not None else 0.05}, cosine, weight decay 5e-4, "
+          "batch 128; CIFAR with crop+flip.\n"
           "Throughput includes data augmentation and is measured by the trainer per epoch; "
           "other work on the 2-core machine during the run lowers it (OMP_WAIT_POLICY=PASSIVE was set).\n"
           "Rows marked reused were read back from their finished run directory (same job, same epochs).\n")
