@@ -12,19 +12,23 @@ from __future__ import annotations
 import torch
 
 
-class Session:
-    """``run = net.start(x)``; ``run.logits``; ``run.step()``; ``run.step_down()``."""
+class AnytimeSession:
+    """What every incremental session shares: kept logits per subnet, stepping up (replaying kept
+    answers after ``step_down``) and stepping down at no cost. Subclasses compute one new step."""
 
-    def __init__(self, net, x: torch.Tensor, subnet: int = 1):
-        net._check_input(x)
-        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= net.num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{net.num_subnets}, got {subnet!r}")
+    top_name = "largest subnet"
+    bottom_name = "smallest subnet"
+
+    def _begin(self, net, subnet: int) -> None:
         self.net = net
-        self._state = net._new_state(x.detach())
         self._logits: list[torch.Tensor] = []
         self.subnet = 0
         while self.subnet < subnet:
             self.step()
+
+    def _compute_next(self) -> torch.Tensor:
+        """Logits of subnet ``self.subnet + 1``, computed from what is cached."""
+        raise NotImplementedError
 
     @property
     def logits(self) -> torch.Tensor:
@@ -39,14 +43,13 @@ class Session:
         return self.subnet < self.net.num_subnets
 
     def step(self) -> torch.Tensor:
-        """Subnet k -> k+1, computing only the neurons of step k+1; returns the new logits."""
+        """Subnet k -> k+1, computing only what is new; returns the new logits."""
         if self.subnet >= self.net.num_subnets:
-            raise RuntimeError(f"already at the largest subnet ({self.net.num_subnets})")
+            raise RuntimeError(f"already at the {self.top_name} ({self.net.num_subnets})")
         if self.subnet < len(self._logits):  # stepping back up after step_down: already computed
             self.subnet += 1
             return self._logits[self.subnet - 1]
-        # no autograd context needed: the input is detached and compacted weights never require grad
-        logits = self.net._step(self._state, self.subnet, self._logits[-1] if self._logits else None)
+        logits = self._compute_next()
         self._logits.append(logits)
         self.subnet += 1
         return logits
@@ -54,9 +57,24 @@ class Session:
     def step_down(self) -> torch.Tensor:
         """Back to subnet k-1's answer, at no cost (its logits are kept)."""
         if self.subnet <= 1:
-            raise RuntimeError("already at the smallest subnet")
+            raise RuntimeError(f"already at the {self.bottom_name}")
         self.subnet -= 1
         return self.logits
+
+
+class Session(AnytimeSession):
+    """``run = net.start(x)``; ``run.logits``; ``run.step()``; ``run.step_down()``."""
+
+    def __init__(self, net, x: torch.Tensor, subnet: int = 1):
+        net._check_input(x)
+        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= net.num_subnets:
+            raise ValueError(f"subnet must be an int in 1..{net.num_subnets}, got {subnet!r}")
+        self._state = net._new_state(x.detach())
+        self._begin(net, subnet)
+
+    def _compute_next(self) -> torch.Tensor:
+        # no autograd context needed: the input is detached and compacted weights never require grad
+        return self.net._step(self._state, self.subnet, self._logits[-1] if self._logits else None)
 
     def cache_bytes(self) -> int:
         """Memory held by the session: cached layer inputs (buffers at full width) and logits."""

@@ -26,6 +26,7 @@ from dyninfer.methods.baselines._common import (
     loss_step, reference_of, run_steps, sgd,
 )
 from dyninfer.nn.tagged import fold_sequential
+from dyninfer.runtime.session import AnytimeSession
 
 
 @dataclass(frozen=True)
@@ -180,45 +181,23 @@ class EarlyExitNet(nn.Module):
         return fold_sequential(copy.deepcopy(self._prefix(check_subnet(subnet, self.num_subnets))).eval())
 
 
-class EarlyExitSession:
+class EarlyExitSession(AnytimeSession):
     """``run = net.start(x)``; ``run.logits``; ``run.step()``: the trunk resumes where it stopped."""
+
+    top_name = "last exit"
+    bottom_name = "first exit"
 
     def __init__(self, net: EarlyExitNet, x: torch.Tensor, subnet: int = 1):
         check_input(x, net.input_shape)
         check_subnet(subnet, net.num_subnets)
-        self.net = net
         self._features = x
-        self._logits: list[torch.Tensor] = []
-        self.subnet = 0
-        while self.subnet < subnet:
-            self.step()
-
-    @property
-    def logits(self) -> torch.Tensor:
-        return self._logits[self.subnet - 1]
-
-    def can_step(self) -> bool:
-        return self.subnet < self.net.num_subnets
+        self._begin(net, subnet)
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        if not self.can_step():
-            raise RuntimeError(f"already at the last exit ({self.net.num_subnets})")
-        if self.subnet < len(self._logits):
-            self.subnet += 1
-            return self.logits
+    def _compute_next(self) -> torch.Tensor:
         k = self.subnet + 1
         self._features = self.net.segments[k - 1](self._features)
-        logits = self.net.heads[k - 1](self._features) if k < self.net.num_subnets else self._features
-        self._logits.append(logits)
-        self.subnet = k
-        return logits
-
-    def step_down(self) -> torch.Tensor:
-        if self.subnet <= 1:
-            raise RuntimeError("already at the first exit")
-        self.subnet -= 1
-        return self.logits
+        return self.net.heads[k - 1](self._features) if k < self.net.num_subnets else self._features
 
 
 def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | None = None,
