@@ -7,11 +7,16 @@ and prints the exact command and the machine. Presets (a flag given explicitly w
     python benchmarks/compare.py --preset tiny        # smoke test: digits, seconds
     python benchmarks/compare.py --preset fashion     # lenet-5 on Fashion-MNIST, ~20 min on 2 cores
     python benchmarks/compare.py --preset cifar10     # lenet-5 on CIFAR-10, ~20 min on 2 cores
+    python benchmarks/compare.py --preset fashion-3c1l  # lenet-3c1l on Fashion-MNIST, ~50 min
+    python benchmarks/compare.py --preset cifar10-3c1l  # lenet-3c1l on CIFAR-10, ~60 min
 
 The step counts of the ~20 minute presets were sized from per-step timings at 1 thread on a
 2-core CPU shared with other work (all eight methods together: ~0.7 s per step on
 Fashion-MNIST, ~0.85 s on CIFAR-10; two threads on a busy 2-core machine were 5-15x slower
-for these small layers). The run's JSON records the seconds each method actually took.
+for these small layers). LeNet-3C1L is 24-33x LeNet-5's MACs (~5.8 s per step for all eight
+methods at one thread on Fashion-MNIST) and diverges at lr 0.05 (a single classifier over 4,096
+features; see benchmarks/results/train_original.md), so its presets train fewer steps at lr 0.005.
+The run's JSON records the seconds each method actually took.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ PRESETS = {
                     latency_repeats=15, threads=1),
     "cifar10": dict(model="lenet-5", data="cifar10", steps=1200, batch_size=128, latency_batch=128,
                     latency_repeats=15, threads=1),
+    "fashion-3c1l": dict(model="lenet-3c1l", data="fashion-mnist", steps=500, batch_size=128, lr=0.005,
+                         latency_batch=128, latency_repeats=9, threads=1),
+    "cifar10-3c1l": dict(model="lenet-3c1l", data="cifar10", steps=500, batch_size=128, lr=0.005,
+                         latency_batch=128, latency_repeats=9, threads=1),
 }
 ALL = "stepping,slimmable,us,anywidth,earlyexit,individual,slice,slice-ft"
 
@@ -47,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.15,0.3,0.6,0.85")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: preset's, else 0.05)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-batch", type=int, default=None)
     parser.add_argument("--latency-repeats", type=int, default=None)
@@ -59,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = dict(PRESETS[args.preset]) if args.preset else {}
-    for key in ("model", "data", "steps", "batch_size", "latency_batch", "latency_repeats", "threads"):
+    for key in ("model", "data", "steps", "batch_size", "lr", "latency_batch", "latency_repeats", "threads"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings.setdefault("batch_size", 128)
+    settings.setdefault("lr", 0.05)
     settings.setdefault("latency_batch", 128)
     settings.setdefault("latency_repeats", 15)
     missing = [k for k in ("model", "data", "steps") if k not in settings]
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     record = compare.run(settings["model"], settings["data"], methods=args.methods.split(","),
                          budgets=[float(b) for b in args.budgets.split(",")], steps=settings["steps"],
-                         batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=args.lr,
+                         batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=settings["lr"],
                          latency_batch=settings["latency_batch"], latency_repeats=settings["latency_repeats"],
                          data_root=args.data_root, stem=stem, progress=args.progress, command=command)
     text = compare.markdown(record)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dyninfer as dy
 from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.train import TrainConfig, evaluate, fit, kd_loss, lr_factor
@@ -62,6 +63,30 @@ def test_kd_loss_matches_hand_computation_and_temperature():
     assert loss.item() == pytest.approx(4 * soft, rel=1e-6)
     loss.backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0  # the teacher is not trained
+
+
+def test_frozen_teacher_matches_the_teacher_and_leaves_it_alone():
+    from dyninfer.train import FrozenTeacher
+
+    torch.manual_seed(0)
+    model = dy.models.create("lenet-5", num_classes=10, input_shape=(1, 16, 16))
+    for m in model.modules():  # non-trivial BN statistics, so folding has work to do
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.train()
+    x = torch.randn(5, 1, 16, 16)
+    frozen = FrozenTeacher(model)
+    frozen.train()  # stays in eval mode whatever the caller does
+    assert not frozen.net.training and model.training
+    with torch.no_grad():
+        expected = model.eval()(x)
+    got = frozen(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.net.modules())
+    assert torch.allclose(got, expected, atol=1e-5) and not got.requires_grad
+    resnet = dy.models.create("resnet-20", num_classes=10, input_shape=(3, 8, 8)).eval()
+    z = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(FrozenTeacher(resnet)(z), resnet(z), atol=1e-6)  # not foldable: run as is
 
 
 def test_kd_loss_is_a_batch_mean_and_rejects_bad_input():

@@ -318,9 +318,11 @@ class SteppingNet(TaggedSubnets, nn.Module):
         """
         cfg = config or self.config
         epochs = cfg.retrain_epochs if epochs is None else epochs
-        use_teacher = teacher if (cfg.distillation and teacher is not None) else None
-        if use_teacher is not None:
-            use_teacher.eval()
+        use_teacher = None
+        if cfg.distillation and teacher is not None:
+            from dyninfer.train import FrozenTeacher
+
+            use_teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         optimizer = make_optimizer(self.net, cfg.retrain_lr, cfg)
         total = max(1, epochs * math.ceil(len(train) / cfg.batch_size))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
@@ -334,8 +336,7 @@ class SteppingNet(TaggedSubnets, nn.Module):
                 bar.update()
                 t_logits = None
                 if use_teacher is not None:
-                    with torch.no_grad():
-                        t_logits = use_teacher(x)
+                    t_logits = use_teacher(x)
                 losses.append(train_step(self.net, x, y, optimizer, cfg, t_logits))
                 scheduler.step()
             entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - start,
