@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--runs", default="runs/original", help="where the original networks live")
     parser.add_argument("--seed", type=int, default=0)
+    for flag, key in (("--iterations", "iterations"), ("--batches", "batches_per_iteration"),
+                      ("--retrain-epochs", "retrain_epochs"), ("--teacher-epochs", "teacher_epochs")):
+        parser.add_argument(flag, type=int, default=None, dest=key, help=f"override the preset's {key}")
     parser.add_argument("--stem", default="stepping_table1")
     args = parser.parse_args()
     command = "python " + " ".join(sys.argv)
@@ -171,7 +174,10 @@ def main() -> None:
     for job in args.jobs.split(","):
         model_name, data_name, *rest = job.split(":")
         schedule = rest[0] if rest else "joint"
-        results.append(run_job(model_name, data_name, PRESETS[args.preset][model_name], schedule, Path(args.runs), args.seed))
+        preset = dict(PRESETS[args.preset][model_name])
+        preset.update({k: getattr(args, k) for k in ("iterations", "batches_per_iteration", "retrain_epochs",
+                                                       "teacher_epochs") if getattr(args, k) is not None})
+        results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed))
         report.write(ROOT / "results", args.stem, render(results, command, args.preset),
                      {"command": command, "preset": args.preset, "machine": report.machine(), "results": results})
     print(render(results, command, args.preset))
