@@ -75,6 +75,16 @@ def test_train_construct_eval_round_trip(capsys, tmp_path):
     torch.testing.assert_close(net(x, subnet=2), again(x, subnet=2))
     assert json.loads((step / "table.json").read_text())["accuracy"] == table["accuracy"]
 
+    # construction was checkpointed: a rerun resumes it (same table), a changed one is refused
+    args = ["construct", "--model", "lenet-5", "--data", "digits", "--budgets", "0.3,0.6,0.9", "--teacher",
+            str(teacher), "--iterations", "4", "--batches-per-iteration", "2", "--batch-size", "64",
+            "--retrain-epochs", "1", "--out", str(step), "--quiet"]
+    code, out3, _ = run(capsys, *args)
+    assert code == 0 and out3.strip() == out.strip()
+    code, _, err = run(capsys, *args[:-3], "--lr", "0.5", *args[-3:])
+    assert code == 2 and "cannot resume" in err and "lr (checkpoint 0.01, now 0.5)" in err and "--no-resume" in err
+    assert run(capsys, *args[:-3], "--lr", "0.5", "--no-resume", *args[-3:])[0] == 0
+
 
 def test_construct_refuses_a_teacher_of_another_model(capsys, tmp_path):
     teacher = tmp_path / "orig"

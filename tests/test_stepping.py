@@ -307,6 +307,62 @@ def test_construct_meets_budgets_and_obeys_causal_rule():
     assert net.history["iterations"], "construction ran no iteration"
 
 
+def test_interrupted_construction_resumes_exactly(tmp_path, monkeypatch):
+    from dyninfer.methods import stepping
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=5, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False)
+    budgets = [0.3, 0.6, 0.9]
+    straight = construct(model, data, budgets, cfg, reference_macs=full)
+
+    real_move, calls = stepping._move_round, []
+
+    def crash_on_third(*args, **kwargs):  # the process dies during iteration 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_move(*args, **kwargs)
+
+    monkeypatch.setattr(stepping, "_move_round", crash_on_third)
+    stem = tmp_path / "construct"
+    with pytest.raises(KeyboardInterrupt):
+        construct(model, data, budgets, cfg, reference_macs=full, checkpoint=stem)
+    monkeypatch.setattr(stepping, "_move_round", real_move)
+    real_step, steps = stepping.train_step, []
+    monkeypatch.setattr(stepping, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    resumed = construct(model, data, budgets, cfg, reference_macs=full, checkpoint=stem)
+
+    done = len(straight.history["iterations"])
+    assert done > 2 and len(steps) == (done - 2) * cfg.batches_per_iteration  # the 2 saved iterations not redone
+    expected, got = straight.net.state_dict(), resumed.net.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed construction differs"
+    assert resumed.history["iterations"] == straight.history["iterations"]
+    # a finished checkpoint returns the same net again without training
+    again = construct(model, data, budgets, cfg, reference_macs=full, checkpoint=stem)
+    assert all(torch.equal(again.net.state_dict()[k], got[k]) for k in got)
+
+
+@pytest.mark.filterwarnings("ignore:construction reached N_t")
+def test_resume_refuses_a_checkpoint_of_another_construction(tmp_path):
+    from dyninfer.checkpoint import CheckpointMismatchError
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=1, batches_per_iteration=1, batch_size=32, importance_batches=1, progress=False)
+    stem = tmp_path / "construct"
+    construct(model, data, [0.3, 0.9], cfg, reference_macs=full, checkpoint=stem)
+    changed = SteppingConfig(**{**cfg.__dict__, "lr": 0.1})
+    with pytest.raises(CheckpointMismatchError, match=r"lr \(checkpoint 0.01, now 0.1\)"):
+        construct(model, data, [0.3, 0.9], changed, reference_macs=full, checkpoint=stem)
+    with pytest.raises(CheckpointMismatchError, match="budgets"):
+        construct(model, data, [0.4, 0.9], cfg, reference_macs=full, checkpoint=stem)
+    # resume=False starts over and overwrites
+    construct(model, data, [0.4, 0.9], cfg, reference_macs=full, checkpoint=stem, resume=False)
+    construct(model, data, [0.4, 0.9], cfg, reference_macs=full, checkpoint=stem)
+
+
 def test_export_matches_library_and_loads_without_dyninfer(tmp_path):
     net = TaggedSequential(toy_model(), 3, SHAPE)
     random_tags(net, 2)

@@ -113,8 +113,9 @@ def cmd_construct(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes=train_set.num_classes, expansion=expansion,
                           input_shape=train_set.input_shape)
-    net = build_stepping(model, train_set, test_set, args.budgets, config, teacher, quiet=args.quiet)
     out = Path(args.out)
+    net = build_stepping(model, train_set, test_set, args.budgets, config, teacher, quiet=args.quiet,
+                         checkpoint=out / "construction", resume=not args.no_resume)
     net.save(out / "stepping", extra={"original_accuracy": original})
     accuracies = net.evaluate(test_set)
     table, data = report.subnet_table(accuracies, net.mac_fractions(), original, net.budgets)
@@ -128,12 +129,13 @@ def cmd_construct(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_stepping(model, train_set, test_set, budgets, config, teacher=None, quiet=False):
+def build_stepping(model, train_set, test_set, budgets, config, teacher=None, quiet=False, checkpoint=None,
+                   resume=True):
     """Construct + retrain: the whole SteppingNet pipeline, shared by `construct` and `demo`."""
     from dyninfer.methods import stepping
 
     start = time.perf_counter()
-    net = stepping.construct(model, train_set, budgets, config)
+    net = stepping.construct(model, train_set, budgets, config, checkpoint=checkpoint, resume=resume)
     built = time.perf_counter() - start
     if not quiet:
         print(f"constructed {net.num_subnets} subnets in {built:.0f} s "
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-distillation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing from OUT/construction (saved every iteration)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_construct)
 

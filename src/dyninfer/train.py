@@ -276,7 +276,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return opt
 
 
-def _derive_seed(*parts: Any) -> int:
+def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from ``parts``, the same in every process (unlike ``hash``)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -538,8 +538,8 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(config, epoch)
                 lr = group["lr"] if lr is None else lr
-            torch.manual_seed(_derive_seed(config.seed, epoch, "torch", ctx.rank))  # dropout etc.
-            order = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, "data"))  # same on all ranks
+            torch.manual_seed(derive_seed(config.seed, epoch, "torch", ctx.rank))  # dropout etc.
+            order = torch.Generator().manual_seed(derive_seed(config.seed, epoch, "data"))  # same on all ranks
             shard = (ctx.rank, ctx.world_size) if ctx.world_size > 1 else None
             batches = train.batches(config.batch_size, shuffle=True, augment=config.augment, generator=order,
                                     drop_last=config.drop_last, shard=shard)

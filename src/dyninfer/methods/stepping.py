@@ -409,58 +409,89 @@ def reference_macs_of(model: nn.Module) -> int:
     return cost.macs(original, tuple(spec["input_shape"]))
 
 
+# Config fields that shape construction: a checkpoint resumes only if they are unchanged.
+# (Retraining fields, e.g. retrain_epochs, gamma or progress, may differ.)
+CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
+                       "suppression", "importance_batches", "normalize_importance", "min_channels", "batch_size",
+                       "lr", "momentum", "weight_decay", "seed")
+
+
 def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], config: SteppingConfig | None = None,
-              *, reference_macs: int | None = None, validation: ImageSet | None = None) -> SteppingNet:
+              *, reference_macs: int | None = None, checkpoint: str | Path | None = None,
+              resume: bool = True) -> SteppingNet:
     """Fig. 3: build N nested subnets from ``model`` (the width-expanded network).
 
     Starts with subnet 1 = the whole network; each iteration trains every subnet m batches,
     prunes, then moves the least important neurons of each over-budget subnet to the next one
     (subnet N drops them). Budgets are fractions of the ORIGINAL network's MACs.
+
+    With ``checkpoint`` (a path stem), every iteration ends with an atomic checkpoint, and
+    ``resume=True`` continues an interrupted construction from it exactly: each iteration's
+    batches and random state are derived from (seed, iteration), not from what ran before.
     """
+    from dyninfer.train import derive_seed
+
     cfg = config or SteppingConfig()
     budgets = check_budgets(budgets)
     input_shape = tuple(getattr(model, "dyninfer_config", {}).get("input_shape", train.input_shape))
     if tuple(train.input_shape) != input_shape:
         raise ValueError(f"model was built for inputs {input_shape} but the data has {train.input_shape}")
     reference = int(reference_macs) if reference_macs is not None else reference_macs_of(model)
-    torch.manual_seed(cfg.seed)
     # A copy: the caller's model stays what it was (e.g. usable as the retraining teacher).
     net = TaggedSequential(copy.deepcopy(model), len(budgets), input_shape)
-    n = net.num_subnets
     limits = [b * reference for b in budgets]
-    total = net.subnet_macs(subnet=n)
-    amount = max(total - limits[0], 0) / cfg.iterations  # MACs moved per subnet per iteration
     optimizer = make_optimizer(net, cfg.lr, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    stream = _endless(train, cfg.batch_size, generator)
-    history = {"iterations": [], "reference_macs": reference, "expanded_macs": total}
-    started = time.perf_counter()
+    history = {"iterations": [], "reference_macs": reference, "expanded_macs": net.subnet_macs(),
+               "construction_seconds": 0.0, "budgets_met": False}
+    if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
+        history = _restore(checkpoint, net, optimizer, cfg, budgets, reference)
+    # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
+    amount = max(history["expanded_macs"] - limits[0], 0) / cfg.iterations
+    first = len(history["iterations"])
+    if first and cfg.progress:
+        tqdm.write(f"resuming construction from {checkpoint} after iteration {first}"
+                   + (" (budgets already met)" if history["budgets_met"] else ""))
 
     def meets(macs):
         return all(m <= lim for m, lim in zip(macs, limits))
 
-    bar = tqdm(range(cfg.iterations), disable=not cfg.progress, desc="construct")
-    for it in bar:
-        net.train()
-        losses = [train_step(net, *next(stream), optimizer, cfg) for _ in range(cfg.batches_per_iteration)]
-        net.prune(cfg.prune_threshold)
-        macs = net.macs_per_subnet()
-        entry = {"iteration": it + 1, "macs": [m / reference for m in macs],
-                 "loss": [sum(c) / len(c) for c in zip(*losses)]}
-        if meets(macs):
+    def stream(*key):
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, *key, "data"))
+        return _endless(train, cfg.batch_size, generator)
+
+    bar = tqdm(range(first, cfg.iterations), initial=first, total=cfg.iterations, disable=not cfg.progress,
+               desc="construct")
+    with torch.random.fork_rng():  # seed per iteration; leave the caller's RNG as it was
+        for it in bar:
+            if history["budgets_met"]:
+                break
+            started = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, it, "torch"))
+            batches = stream(it)
+            net.train()
+            losses = [train_step(net, *next(batches), optimizer, cfg) for _ in range(cfg.batches_per_iteration)]
+            net.prune(cfg.prune_threshold)
+            macs = net.macs_per_subnet()
+            entry = {"iteration": it + 1, "macs": [m / reference for m in macs],
+                     "loss": [sum(c) / len(c) for c in zip(*losses)]}
+            if meets(macs):
+                history["budgets_met"] = True
+            else:
+                entry["moved"] = _move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg,
+                                             limits, amount)
             history["iterations"].append(entry)
-            break
-        entry["moved"] = _move_round(net, [next(stream) for _ in range(cfg.importance_batches)], cfg,
-                                     limits, amount)
-        history["iterations"].append(entry)
-        bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
-                                                      zip(net.macs_per_subnet(), budgets))
-                            + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
-    history["construction_seconds"] = time.perf_counter() - started
+            history["construction_seconds"] += time.perf_counter() - started
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, net, optimizer, cfg, budgets, history)
+            bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
+                                                          zip(net.macs_per_subnet(), budgets))
+                                + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
+    bar.close()
 
     trims = 0
     while not meets(net.macs_per_subnet()):  # N_t reached: finish the moves without training
-        moved = _move_round(net, [next(stream) for _ in range(cfg.importance_batches)], cfg, limits, amount)
+        batches = stream("trim", trims)
+        moved = _move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg, limits, amount)
         trims += 1
         if sum(moved) == 0:
             raise RuntimeError(
@@ -473,6 +504,52 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     history["trim_rounds"] = trims
     net.eval()
     return SteppingNet(net, budgets, reference, cfg, history)
+
+
+def _checkpoint_exists(path: str | Path) -> bool:
+    from dyninfer import checkpoint
+
+    return checkpoint.exists(path)
+
+
+def _save_checkpoint(path: str | Path, net: TaggedSequential, optimizer: torch.optim.Optimizer,
+                     cfg: SteppingConfig, budgets: list[float], history: dict) -> None:
+    """Atomic: net (weights, tags, pruning masks, BN), optimizer momentum, history, config."""
+    from dyninfer import checkpoint
+
+    opt_tensors, opt_skeleton = checkpoint.pack_state(optimizer.state_dict(), "optimizer")
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    meta = {"kind": "stepping-construction", "model": net.dyninfer_config, "budgets": budgets,
+            "config": asdict(cfg), "history": history, "optimizer": opt_skeleton}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(path, {**tensors, **opt_tensors}, json.loads(json.dumps(meta, default=str)))
+
+
+def _restore(path: str | Path, net: TaggedSequential, optimizer: torch.optim.Optimizer, cfg: SteppingConfig,
+             budgets: list[float], reference: int) -> dict:
+    """Load a construction checkpoint into ``net``/``optimizer``; returns its history."""
+    from dyninfer import checkpoint
+
+    tensors, meta = checkpoint.load(path)
+    where = f"construction checkpoint {str(checkpoint.paths(path)[0])!r}"
+    if meta.get("kind") != "stepping-construction":
+        raise checkpoint.CheckpointMismatchError(f"{where} is not a SteppingNet construction checkpoint "
+                                                 f"(kind={meta.get('kind')!r})")
+    saved = meta["config"]
+    changed = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in CONSTRUCTION_FIELDS
+               if saved.get(k) != getattr(cfg, k)]
+    if meta["model"] != json.loads(json.dumps(net.dyninfer_config)):  # JSON has lists where the model has tuples
+        changed.append(f"model (checkpoint {meta['model']}, now {net.dyninfer_config})")
+    if meta["budgets"] != budgets:
+        changed.append(f"budgets (checkpoint {meta['budgets']}, now {budgets})")
+    if meta["history"]["reference_macs"] != reference:
+        changed.append(f"reference MACs (checkpoint {meta['history']['reference_macs']}, now {reference})")
+    if changed:
+        raise checkpoint.CheckpointMismatchError(f"cannot resume from {where}: " + "; ".join(changed)
+                                                 + "; start over with resume=False (CLI: --no-resume) or use another path")
+    net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+    optimizer.load_state_dict(checkpoint.unpack_state(meta["optimizer"], tensors))
+    return meta["history"]
 
 
 def _move_round(net: TaggedSequential, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
@@ -497,5 +574,5 @@ def _endless(data: ImageSet, batch_size: int, generator: torch.Generator):
         yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=len(data) >= batch_size)
 
 
-__all__ = ["SteppingConfig", "SteppingNet", "construct", "importance", "move_neurons", "train_step",
+__all__ = ["SteppingConfig", "SteppingNet", "CONSTRUCTION_FIELDS", "construct", "importance", "move_neurons", "train_step",
            "check_budgets", "suppression_factors"]
