@@ -344,6 +344,39 @@ def test_interrupted_construction_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(again.net.state_dict()[k], got[k]) for k in got)
 
 
+def test_interrupted_retraining_resumes_exactly(tmp_path, monkeypatch):
+    from dyninfer.methods import stepping
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=3, batches_per_iteration=2, batch_size=64, importance_batches=1,
+                         retrain_epochs=3, progress=False)
+    built = construct(model, data, [0.5, 0.9], cfg, reference_macs=full)
+    straight, interrupted = copy.deepcopy(built), copy.deepcopy(built)
+    straight.retrain(data, teacher=model)
+
+    real_step, steps = stepping.train_step, []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:  # 3 batches per epoch: dies in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(stepping, "train_step", crash_in_epoch_two)
+    stem = tmp_path / "retrain"
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.retrain(data, teacher=model, checkpoint=stem)
+    monkeypatch.setattr(stepping, "train_step", real_step)
+    resumed = copy.deepcopy(built)  # a fresh process: the constructed net, then the checkpoint
+    log = resumed.retrain(data, teacher=model, checkpoint=stem)
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    expected, got = straight.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed retraining differs"
+    with pytest.raises(Exception, match="epochs"):
+        copy.deepcopy(built).retrain(data, teacher=model, epochs=4, checkpoint=stem)
+
+
 @pytest.mark.filterwarnings("ignore:construction reached N_t")
 def test_resume_refuses_a_checkpoint_of_another_construction(tmp_path):
     from dyninfer.checkpoint import CheckpointMismatchError

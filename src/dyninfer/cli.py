@@ -115,7 +115,7 @@ def cmd_construct(args: argparse.Namespace) -> int:
                           input_shape=train_set.input_shape)
     out = Path(args.out)
     net = build_stepping(model, train_set, test_set, args.budgets, config, teacher, quiet=args.quiet,
-                         checkpoint=out / "construction", resume=not args.no_resume)
+                         checkpoints=out, resume=not args.no_resume)
     net.save(out / "stepping", extra={"original_accuracy": original})
     accuracies = net.evaluate(test_set)
     table, data = report.subnet_table(accuracies, net.mac_fractions(), original, net.budgets)
@@ -129,20 +129,25 @@ def cmd_construct(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_stepping(model, train_set, test_set, budgets, config, teacher=None, quiet=False, checkpoint=None,
+def build_stepping(model, train_set, test_set, budgets, config, teacher=None, quiet=False, checkpoints=None,
                    resume=True):
-    """Construct + retrain: the whole SteppingNet pipeline, shared by `construct` and `demo`."""
+    """Construct + retrain: the whole SteppingNet pipeline, shared by `construct` and `demo`.
+
+    With ``checkpoints`` (a folder) both phases save a checkpoint there as they go
+    (``construction``, ``retraining``) and, with ``resume``, continue from it.
+    """
     from dyninfer.methods import stepping
 
+    stem = (lambda name: Path(checkpoints) / name) if checkpoints is not None else (lambda name: None)
     start = time.perf_counter()
-    net = stepping.construct(model, train_set, budgets, config, checkpoint=checkpoint, resume=resume)
+    net = stepping.construct(model, train_set, budgets, config, checkpoint=stem("construction"), resume=resume)
     built = time.perf_counter() - start
     if not quiet:
         print(f"constructed {net.num_subnets} subnets in {built:.0f} s "
               f"({len(net.history['iterations'])} iterations); MACs/original: "
               + ", ".join(f"{f:.3f}" for f in net.mac_fractions()))
     start = time.perf_counter()
-    net.retrain(train_set, teacher=teacher)
+    net.retrain(train_set, teacher=teacher, checkpoint=stem("retraining"), resume=resume)
     net.history["construction_wall_seconds"] = built
     net.history["retrain_wall_seconds"] = time.perf_counter() - start
     return net
@@ -295,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--no-resume", action="store_true",
-                   help="start over instead of continuing from OUT/construction (saved every iteration)")
+                   help="start over instead of continuing from the checkpoints in OUT (construction: every "
+                        "iteration; retraining: every epoch)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_construct)
 

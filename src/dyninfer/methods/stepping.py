@@ -311,40 +311,55 @@ class SteppingNet(TaggedSubnets, nn.Module):
         return self._compact
 
     def retrain(self, train: ImageSet, teacher: nn.Module | None = None, *, epochs: int | None = None,
-                test: ImageSet | None = None, config: SteppingConfig | None = None) -> list[dict]:
+                test: ImageSet | None = None, config: SteppingConfig | None = None,
+                checkpoint: str | Path | None = None, resume: bool = True) -> list[dict]:
         """Eq. 4: retrain all subnets (ascending, with suppression) distilling from ``teacher``.
 
         ``teacher`` is the original network; without it (or with distillation off) plain CE.
+        With ``checkpoint`` (a path stem) every epoch ends with an atomic checkpoint that
+        ``resume=True`` continues from exactly (each epoch's batch order derives from the seed).
         """
+        from dyninfer.train import FrozenTeacher, derive_seed
+
         cfg = config or self.config
         epochs = cfg.retrain_epochs if epochs is None else epochs
         use_teacher = None
         if cfg.distillation and teacher is not None:
-            from dyninfer.train import FrozenTeacher
-
             use_teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         optimizer = make_optimizer(self.net, cfg.retrain_lr, cfg)
-        total = max(1, epochs * math.ceil(len(train) / cfg.batch_size))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        log = []
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
+        log: list[dict] = []
+        if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
+            state = _restore(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
+                             RETRAIN_FIELDS, {"epochs": epochs})
+            scheduler.load_state_dict(state["scheduler"])
+            log = state["log"]
+            if cfg.progress:
+                tqdm.write(f"resuming retraining from {checkpoint} after epoch {len(log)}")
         self.net.train()
-        bar = tqdm(total=epochs * math.ceil(len(train) / cfg.batch_size), disable=not cfg.progress, desc="retrain")
-        for epoch in range(epochs):
-            start, losses = time.perf_counter(), []
-            for x, y in train.batches(cfg.batch_size, shuffle=True, augment=True, generator=generator):
-                bar.update()
-                t_logits = None
-                if use_teacher is not None:
-                    t_logits = use_teacher(x)
-                losses.append(train_step(self.net, x, y, optimizer, cfg, t_logits))
-                scheduler.step()
-            entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - start,
-                     "loss": [sum(c) / len(c) for c in zip(*losses)]}
-            if test is not None:
-                entry["test_top1"] = self.evaluate(test)
-            log.append(entry)
-            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"]))
+        bar = tqdm(total=epochs * steps_per_epoch, initial=len(log) * steps_per_epoch, disable=not cfg.progress,
+                   desc="retrain")
+        with torch.random.fork_rng():
+            for epoch in range(len(log), epochs):
+                start, losses = time.perf_counter(), []
+                torch.manual_seed(derive_seed(cfg.seed, epoch, "retrain-torch"))
+                order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "retrain-data"))
+                for x, y in train.batches(cfg.batch_size, shuffle=True, augment=True, generator=order):
+                    bar.update()
+                    t_logits = use_teacher(x) if use_teacher is not None else None
+                    losses.append(train_step(self.net, x, y, optimizer, cfg, t_logits))
+                    scheduler.step()
+                entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - start,
+                         "loss": [sum(c) / len(c) for c in zip(*losses)]}
+                if test is not None:
+                    entry["test_top1"] = self.evaluate(test)
+                    self.net.train()
+                log.append(entry)
+                if checkpoint is not None:
+                    _save_checkpoint(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
+                                     {"epochs": epochs, "log": log, "scheduler": scheduler.state_dict()})
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"]))
         bar.close()
         self.net.eval()
         self.history.setdefault("retrain", []).extend(log)
@@ -410,10 +425,12 @@ def reference_macs_of(model: nn.Module) -> int:
 
 
 # Config fields that shape construction: a checkpoint resumes only if they are unchanged.
-# (Retraining fields, e.g. retrain_epochs, gamma or progress, may differ.)
+# (Retraining fields, e.g. retrain_epochs, gamma or progress, may differ.) Likewise for retraining.
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "min_channels", "batch_size",
                        "lr", "momentum", "weight_decay", "seed")
+RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "batch_size",
+                  "momentum", "weight_decay", "retrain_lr", "seed")
 
 
 def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], config: SteppingConfig | None = None,
@@ -444,7 +461,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     history = {"iterations": [], "reference_macs": reference, "expanded_macs": net.subnet_macs(),
                "construction_seconds": 0.0, "budgets_met": False}
     if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
-        history = _restore(checkpoint, net, optimizer, cfg, budgets, reference)
+        history = _restore(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, CONSTRUCTION_FIELDS,
+                           {"reference_macs": reference})
     # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
     amount = max(history["expanded_macs"] - limits[0], 0) / cfg.iterations
     first = len(history["iterations"])
@@ -482,7 +500,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             history["iterations"].append(entry)
             history["construction_seconds"] += time.perf_counter() - started
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, net, optimizer, cfg, budgets, history)
+                _save_checkpoint(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, history)
             bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
                                                           zip(net.macs_per_subnet(), budgets))
                                 + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
@@ -512,44 +530,43 @@ def _checkpoint_exists(path: str | Path) -> bool:
     return checkpoint.exists(path)
 
 
-def _save_checkpoint(path: str | Path, net: TaggedSequential, optimizer: torch.optim.Optimizer,
-                     cfg: SteppingConfig, budgets: list[float], history: dict) -> None:
-    """Atomic: net (weights, tags, pruning masks, BN), optimizer momentum, history, config."""
+def _save_checkpoint(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
+                     cfg: SteppingConfig, budgets: list[float], state: dict) -> None:
+    """Atomic: net (weights, tags, pruning masks, BN), optimizer momentum, the loop's state, config."""
     from dyninfer import checkpoint
 
     opt_tensors, opt_skeleton = checkpoint.pack_state(optimizer.state_dict(), "optimizer")
     tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
-    meta = {"kind": "stepping-construction", "model": net.dyninfer_config, "budgets": budgets,
-            "config": asdict(cfg), "history": history, "optimizer": opt_skeleton}
+    meta = {"kind": kind, "model": net.dyninfer_config, "budgets": budgets, "config": asdict(cfg),
+            "state": state, "optimizer": opt_skeleton}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path, {**tensors, **opt_tensors}, json.loads(json.dumps(meta, default=str)))
 
 
-def _restore(path: str | Path, net: TaggedSequential, optimizer: torch.optim.Optimizer, cfg: SteppingConfig,
-             budgets: list[float], reference: int) -> dict:
-    """Load a construction checkpoint into ``net``/``optimizer``; returns its history."""
+def _restore(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
+             cfg: SteppingConfig, budgets: list[float], fields: Sequence[str], expected: dict) -> dict:
+    """Load a ``kind`` checkpoint into ``net``/``optimizer`` and return the loop's state, after
+    checking that every setting that shaped it (``fields``, model, budgets, ``expected``) is unchanged."""
     from dyninfer import checkpoint
 
     tensors, meta = checkpoint.load(path)
-    where = f"construction checkpoint {str(checkpoint.paths(path)[0])!r}"
-    if meta.get("kind") != "stepping-construction":
-        raise checkpoint.CheckpointMismatchError(f"{where} is not a SteppingNet construction checkpoint "
-                                                 f"(kind={meta.get('kind')!r})")
-    saved = meta["config"]
-    changed = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in CONSTRUCTION_FIELDS
+    where = f"{kind} checkpoint {str(checkpoint.paths(path)[0])!r}"
+    if meta.get("kind") != kind:
+        raise checkpoint.CheckpointMismatchError(f"{where} holds {meta.get('kind')!r}, not {kind!r}")
+    saved, state = meta["config"], meta["state"]
+    changed = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in fields
                if saved.get(k) != getattr(cfg, k)]
     if meta["model"] != json.loads(json.dumps(net.dyninfer_config)):  # JSON has lists where the model has tuples
         changed.append(f"model (checkpoint {meta['model']}, now {net.dyninfer_config})")
     if meta["budgets"] != budgets:
         changed.append(f"budgets (checkpoint {meta['budgets']}, now {budgets})")
-    if meta["history"]["reference_macs"] != reference:
-        changed.append(f"reference MACs (checkpoint {meta['history']['reference_macs']}, now {reference})")
+    changed += [f"{k} (checkpoint {state.get(k)!r}, now {v!r})" for k, v in expected.items() if state.get(k) != v]
     if changed:
         raise checkpoint.CheckpointMismatchError(f"cannot resume from {where}: " + "; ".join(changed)
                                                  + "; start over with resume=False (CLI: --no-resume) or use another path")
     net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
     optimizer.load_state_dict(checkpoint.unpack_state(meta["optimizer"], tensors))
-    return meta["history"]
+    return state
 
 
 def _move_round(net: TaggedSequential, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
