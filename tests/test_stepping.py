@@ -211,6 +211,21 @@ def test_sequential_and_joint_schedules_both_train():
         assert len(first) == 2 and all(b < a for a, b in zip(first, last)), schedule
 
 
+@pytest.mark.parametrize("schedule", ["joint", "sequential"])
+def test_train_step_counts_each_subnets_correct_predictions(schedule):
+    torch.manual_seed(0)
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    random_tags(net, 1)
+    net.train()
+    x, y = torch.randn(64, *SHAPE), torch.randint(0, 10, (64,))
+    with torch.no_grad():  # predictions before the update, as the step sees them (BN in batch mode)
+        before = [int((lg.argmax(1) == y).sum()) for lg in copy.deepcopy(net).forward_all(x).logits]
+    correct = [0, 0, 0]
+    cfg = SteppingConfig(schedule=schedule)
+    train_step(net, x, y, torch.optim.SGD(net.parameters(), lr=0.0), cfg, correct=correct)
+    assert correct == before  # lr 0: sequential updates change nothing between subnets either
+
+
 class RecordingSGD(torch.optim.SGD):
     """SGD that snapshots a watched weight whenever a subnet's turn starts (zero_grad)."""
 

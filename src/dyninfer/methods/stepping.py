@@ -135,14 +135,20 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
 
 
 def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               config: SteppingConfig, teacher_logits: torch.Tensor | None = None) -> list[float]:
-    """One batch for every subnet (ascending), with weight-update suppression. Returns losses."""
+               config: SteppingConfig, teacher_logits: torch.Tensor | None = None,
+               correct: list[int] | None = None) -> list[float]:
+    """One batch for every subnet (ascending), with weight-update suppression. Returns losses.
+
+    ``correct`` (one count per subnet), when given, is increased by each subnet's correct
+    predictions on this (training) batch: accuracy for progress reports at no extra pass.
+    """
     n = net.num_subnets
     wd = config.weight_decay
     if config.schedule == "joint":
         weights, factor, decay = suppression_factors(config, n)
         optimizer.zero_grad(set_to_none=True)
         out = net.forward_all(x, straight_through=True)
+        _count_correct(correct, out.logits, y)
         losses = [subnet_loss(lg, y, teacher_logits, config) for lg in out.logits]
         sum(w * loss for w, loss in zip(weights, losses)).backward()
         net.shape_gradients(factor, decay, wd)
@@ -152,7 +158,10 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
     beta = config.beta if config.suppression else 1.0
     for j in range(1, n + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = subnet_loss(net(x, subnet=j, straight_through=True), y, teacher_logits, config)
+        logits = net(x, subnet=j, straight_through=True)
+        if correct is not None:
+            correct[j - 1] += int((logits.detach().argmax(1) == y).sum())
+        loss = subnet_loss(logits, y, teacher_logits, config)
         loss.backward()
 
         def scale(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # 0 for neurons outside subnet j
@@ -163,6 +172,12 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
             optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def _count_correct(correct: list[int] | None, logits: Sequence[torch.Tensor], y: torch.Tensor) -> None:
+    if correct is not None:
+        for k, lg in enumerate(logits):
+            correct[k] += int((lg.detach().argmax(1) == y).sum())
 
 
 class _frozen_above:
@@ -487,11 +502,15 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             torch.manual_seed(derive_seed(cfg.seed, it, "torch"))
             batches = stream(it)
             net.train()
-            losses = [train_step(net, *next(batches), optimizer, cfg) for _ in range(cfg.batches_per_iteration)]
+            correct, seen, losses = [0] * net.num_subnets, 0, []
+            for _ in range(cfg.batches_per_iteration):
+                x, y = next(batches)
+                losses.append(train_step(net, x, y, optimizer, cfg, correct=correct))
+                seen += len(y)
             net.prune(cfg.prune_threshold)
             macs = net.macs_per_subnet()
             entry = {"iteration": it + 1, "macs": [m / reference for m in macs],
-                     "loss": [sum(c) / len(c) for c in zip(*losses)]}
+                     "loss": [sum(c) / len(c) for c in zip(*losses)], "train_acc": [c / seen for c in correct]}
             if meets(macs):
                 history["budgets_met"] = True
             else:
@@ -503,6 +522,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                 _save_checkpoint(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, history)
             bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
                                                           zip(net.macs_per_subnet(), budgets))
+                                + " | train acc " + " ".join(f"{100 * a:.0f}" for a in entry["train_acc"])
                                 + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
     bar.close()
 
