@@ -439,8 +439,8 @@ def reference_macs_of(model: nn.Module) -> int:
     return cost.macs(original, tuple(spec["input_shape"]))
 
 
-# Config fields that shape construction: a checkpoint resumes only if they are unchanged.
-# (Retraining fields, e.g. retrain_epochs, gamma or progress, may differ.) Likewise for retraining.
+# The config fields that shape each phase: a phase's checkpoint resumes only if they are unchanged
+# (fields of the other phase, and ``progress``, may differ).
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "min_channels", "batch_size",
                        "lr", "momentum", "weight_decay", "seed")
