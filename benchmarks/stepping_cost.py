@@ -5,7 +5,7 @@ For each saved run (made by benchmarks/stepping_table1.py) this times, interleav
 round on the same batches, one optimizer step of:
 
   * alone ............ the largest subnet as a plain nn.Sequential of its shapes (BN kept), CE
-  * alone+KD ......... the same with the teacher's forward and Eq. 4's loss
+  * alone+KD ......... the same with the teacher's forward (FrozenTeacher, as retrain runs it) and Eq. 4
   * retrain .......... SteppingNet's joint step on the constructed net, with the teacher (Eq. 4)
   * retrain-noKD ..... the same without the teacher
   * construct-start .. the joint step on the width-expanded net construction starts from
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -29,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import dyninfer as dy
 from dyninfer import report
 from dyninfer.methods.stepping import SteppingNet, importance, make_optimizer, subnet_loss, train_step
 from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.train import FrozenTeacher
 
 ROOT = Path(__file__).resolve().parent
 
@@ -53,7 +54,7 @@ def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
     spec = net.net.dyninfer_config
     teacher = dy.models.create(spec["name"], num_classes=spec["num_classes"], input_shape=tuple(spec["input_shape"]))
     dy.checkpoint.load_model(original_runs / f"{meta['model']}-{meta['data']}" / "model", teacher)
-    teacher.eval()
+    teacher = FrozenTeacher(teacher)  # as SteppingNet.retrain runs it
 
     alone = net.net.dense(net.num_subnets, fold_bn=False).train()
     alone_opt = torch.optim.SGD(alone.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
@@ -65,23 +66,17 @@ def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
     start_net = TaggedSequential(expanded_model, net.num_subnets, tuple(spec["input_shape"])).train()
     start_opt = make_optimizer(start_net, cfg.lr, cfg)
 
-    batches = list(train_set.batches(cfg.batch_size, shuffle=True, augment=True,
-                                     generator=torch.Generator().manual_seed(0)))[: steps + 1]
+    batches = list(itertools.islice(train_set.batches(cfg.batch_size, shuffle=True, augment=True,
+                                                      generator=torch.Generator().manual_seed(0)), steps + 1))
 
     def plain(x, y, with_teacher):
         alone_opt.zero_grad(set_to_none=True)
-        t = None
-        if with_teacher:
-            with torch.no_grad():
-                t = teacher(x)
+        t = teacher(x) if with_teacher else None
         subnet_loss(alone(x), y, t, cfg).backward()
         alone_opt.step()
 
     def stepping(x, y, with_teacher):
-        t = None
-        if with_teacher:
-            with torch.no_grad():
-                t = teacher(x)
+        t = teacher(x) if with_teacher else None
         train_step(stepped, x, y, stepped_opt, cfg, t)
 
     cases = {

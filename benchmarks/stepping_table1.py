@@ -55,6 +55,9 @@ def teacher_for(model_name: str, data_name: str, train_set, test_set, epochs: in
     model = dy.models.create(model_name, num_classes=train_set.num_classes, input_shape=train_set.input_shape)
     if (out / "model.safetensors").exists():
         dy.checkpoint.load_model(out / "model", model)
+        trained_lr = json.loads((out / "config.json").read_text())["train"]["lr"]
+        if trained_lr != lr:
+            print(f"warning: reusing the teacher in {out}, trained at lr {trained_lr}, not {lr}", flush=True)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     else:
         history = dy.train.fit(model, train_set, dy.train.TrainConfig(epochs=epochs, lr=lr, progress=False),

@@ -393,6 +393,32 @@ def test_interrupted_retraining_resumes_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:construction reached N_t")
+def test_retraining_checkpoint_belongs_to_one_net_data_and_teacher(tmp_path):
+    from dyninfer.checkpoint import CheckpointMismatchError
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=2, batches_per_iteration=1, batch_size=64, importance_batches=1,
+                         retrain_epochs=1, progress=False)
+    built = construct(model, data, [0.5, 0.9], cfg, reference_macs=full)
+    stem = tmp_path / "retrain"
+    copy.deepcopy(built).retrain(data, teacher=model, checkpoint=stem)
+    other = construct(model, data, [0.5, 0.9], SteppingConfig(**{**cfg.__dict__, "lr": 0.2}), reference_macs=full)
+    with pytest.raises(CheckpointMismatchError, match="start"):  # another constructed net
+        other.retrain(data, teacher=model, checkpoint=stem)
+    with pytest.raises(CheckpointMismatchError, match="data"):
+        copy.deepcopy(built).retrain(synthetic_set(n=128), teacher=model, checkpoint=stem)
+    with pytest.raises(CheckpointMismatchError, match="teacher"):
+        copy.deepcopy(built).retrain(data, teacher=toy_model(seed=1), checkpoint=stem)
+    done = copy.deepcopy(built)
+    before = {k: v.clone() for k, v in done.net.state_dict().items()}
+    with pytest.warns(UserWarning, match="complete"):
+        log = done.retrain(data, teacher=model, checkpoint=stem)
+    assert len(log) == 1 and "retrain" not in done.history  # nothing trained, nothing logged twice
+    assert not all(torch.equal(before[k], v) for k, v in done.net.state_dict().items())  # the retrained state
+
+
+@pytest.mark.filterwarnings("ignore:construction reached N_t")
 def test_resume_refuses_a_checkpoint_of_another_construction(tmp_path):
     from dyninfer.checkpoint import CheckpointMismatchError
 

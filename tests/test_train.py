@@ -84,6 +84,9 @@ def test_frozen_teacher_matches_the_teacher_and_leaves_it_alone():
     got = frozen(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.net.modules())
     assert torch.allclose(got, expected, atol=1e-5) and not got.requires_grad
+    no_stats = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3, track_running_stats=False),
+                                   torch.nn.Flatten(), torch.nn.Linear(3 * 14 * 14, 2))
+    assert torch.allclose(FrozenTeacher(no_stats)(x), no_stats.eval()(x), atol=1e-5)  # BN kept, not folded
     resnet = dy.models.create("resnet-20", num_classes=10, input_shape=(3, 8, 8)).eval()
     z = torch.randn(2, 3, 8, 8)
     assert torch.allclose(FrozenTeacher(resnet)(z), resnet(z), atol=1e-6)  # not foldable: run as is

@@ -8,6 +8,7 @@ file, its structure into JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,22 @@ def paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def exists(path: str | os.PathLike) -> bool:
     """Whether both files of the checkpoint at ``path`` are present."""
     return all(f.is_file() for f in paths(path))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete both files of the checkpoint at ``path`` (missing files are fine)."""
+    for f in paths(path):
+        f.unlink(missing_ok=True)
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short content hash of named tensors: says whether a checkpoint belongs to this state."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _temp_in(directory: Path, name: str) -> Path:

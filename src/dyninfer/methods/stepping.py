@@ -140,7 +140,8 @@ def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimize
     """One batch for every subnet (ascending), with weight-update suppression. Returns losses.
 
     ``correct`` (one count per subnet), when given, is increased by each subnet's correct
-    predictions on this (training) batch: accuracy for progress reports at no extra pass.
+    predictions on this (training) batch: accuracy for progress reports at no extra pass. (In
+    the sequential schedule subnet j is counted after subnets 1..j-1 stepped on the batch.)
     """
     n = net.num_subnets
     wd = config.weight_decay
@@ -345,11 +346,21 @@ class SteppingNet(TaggedSubnets, nn.Module):
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
         log: list[dict] = []
+        # What the checkpoint must belong to: this net as retraining found it, data, teacher.
+        origin = {"epochs": epochs, "data": _data_identity(train), "start": _fingerprint(self.net),
+                  "teacher": _fingerprint(teacher) if use_teacher is not None else None}
+        if checkpoint is not None and not resume:
+            _remove_checkpoint(checkpoint)
         if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
             state = _restore(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
-                             RETRAIN_FIELDS, {"epochs": epochs})
+                             RETRAIN_FIELDS, origin)
             scheduler.load_state_dict(state["scheduler"])
             log = state["log"]
+            if len(log) >= epochs:
+                warnings.warn(f"retraining checkpoint {checkpoint} is complete ({epochs} epochs); "
+                              "nothing was trained (resume=False starts over)", stacklevel=2)
+                self.net.eval()
+                return log
             if cfg.progress:
                 tqdm.write(f"resuming retraining from {checkpoint} after epoch {len(log)}")
         self.net.train()
@@ -373,7 +384,7 @@ class SteppingNet(TaggedSubnets, nn.Module):
                 log.append(entry)
                 if checkpoint is not None:
                     _save_checkpoint(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
-                                     {"epochs": epochs, "log": log, "scheduler": scheduler.state_dict()})
+                                     {**origin, "log": log, "scheduler": scheduler.state_dict()})
                 bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"]))
         bar.close()
         self.net.eval()
@@ -473,11 +484,14 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     net = TaggedSequential(copy.deepcopy(model), len(budgets), input_shape)
     limits = [b * reference for b in budgets]
     optimizer = make_optimizer(net, cfg.lr, cfg)
-    history = {"iterations": [], "reference_macs": reference, "expanded_macs": net.subnet_macs(),
-               "construction_seconds": 0.0, "budgets_met": False}
+    origin = {"reference_macs": reference, "data": _data_identity(train), "start": _fingerprint(net)}
+    history = {"iterations": [], **origin, "expanded_macs": net.subnet_macs(), "construction_seconds": 0.0,
+               "budgets_met": False}
+    if checkpoint is not None and not resume:
+        _remove_checkpoint(checkpoint)
     if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
         history = _restore(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, CONSTRUCTION_FIELDS,
-                           {"reference_macs": reference})
+                           origin)
     # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
     amount = max(history["expanded_macs"] - limits[0], 0) / cfg.iterations
     first = len(history["iterations"])
@@ -548,6 +562,26 @@ def _checkpoint_exists(path: str | Path) -> bool:
     from dyninfer import checkpoint
 
     return checkpoint.exists(path)
+
+
+def _remove_checkpoint(path: str | Path) -> None:
+    from dyninfer import checkpoint
+
+    checkpoint.remove(path)
+
+
+def _fingerprint(module: nn.Module) -> str:
+    from dyninfer import checkpoint
+
+    return checkpoint.fingerprint(module.state_dict())
+
+
+def _data_identity(data: ImageSet) -> dict:
+    """Name, size, classes and a hash of the labels: a checkpoint is refused on other data."""
+    from dyninfer import checkpoint
+
+    return {"name": data.name, "n": len(data), "num_classes": data.num_classes,
+            "labels": checkpoint.fingerprint({"labels": data.labels})}
 
 
 def _save_checkpoint(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,

@@ -507,7 +507,8 @@ def fold_sequential(model: nn.Sequential) -> nn.Sequential:
     while i < len(children):
         child = children[i]
         nxt = children[i + 1] if i + 1 < len(children) else None
-        if isinstance(child, (nn.Conv2d, nn.Linear)) and isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if (isinstance(child, (nn.Conv2d, nn.Linear)) and isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d))
+                and nxt.running_var is not None):  # BN without running statistics cannot be folded
             layer = copy.deepcopy(child)
             weight, bias = fold_batchnorm(child.weight, child.bias, nxt)
             if layer.bias is None:
