@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (presets: 1, steady on a shared 2-core machine; "
                              "2 on an idle one; default without preset: torch's)")
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--stem", default=None, help="result file name (default compare_<model>_<data>)")
     parser.add_argument("--progress", action="store_true", help="progress bars inside each method")
     args = parser.parse_args(argv)
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads, "
           f"torch {machine['torch']}, python {machine['python']}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    stem = f"compare_{settings['model']}_{settings['data']}"
+    stem = args.stem or f"compare_{settings['model']}_{settings['data']}"
     start = time.perf_counter()
     record = compare.run(settings["model"], settings["data"], methods=args.methods.split(","),
                          budgets=[float(b) for b in args.budgets.split(",")], steps=settings["steps"],
