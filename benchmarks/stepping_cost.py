@@ -112,9 +112,9 @@ def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
     }
 
 
-def render(results: list[dict], command: str, threads: int) -> str:
+def render(results: list[dict], command: str, threads: int, load: str, machine: dict | None = None) -> str:
     parts = [f"# SteppingNet construction cost per step\n\nCommand: `{command}`\n\n"
-             f"Machine: {report.machine()} ({threads} torch threads, run alone)\n\n"
+             f"Machine: {machine or report.machine()} ({threads} torch thread(s); {load})\n\n"
              "Cell: median over rounds of (median step time of the case / that of `alone` in the same round), "
              "with the min-max spread. `alone` trains the largest subnet as a plain network of its shapes "
              "with BatchNorm and CE.\n"]
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--original", type=Path, default=Path("runs/original"), help="where the teachers live")
     parser.add_argument("--stem", default="stepping_cost")
+    parser.add_argument("--load", default="nothing else running",
+                        help="what else ran on the machine, recorded in the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -152,9 +154,9 @@ def main() -> None:
         results.append(probe(run, args.rounds, args.steps, args.original))
         print(json.dumps({"run": str(run), "ratios": {k: round(v["median"], 2) for k, v in results[-1]["ratios"].items()}}),
               flush=True)
-    text = render(results, command, args.threads)
-    report.write(ROOT / "results", args.stem, text,
-                 {"command": command, "machine": report.machine(), "threads": args.threads, "results": results})
+    text = render(results, command, args.threads, args.load)
+    report.write(ROOT / "results", args.stem, text, {"command": command, "machine": report.machine(),
+                                                     "threads": args.threads, "load": args.load, "results": results})
     print(text)
 
 
