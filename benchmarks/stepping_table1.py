@@ -8,7 +8,9 @@ and report A_k and M_k/M_t beside the paper's numbers, with wall times and const
     OMP_WAIT_POLICY=PASSIVE python benchmarks/stepping_table1.py --jobs lenet-5:fashion-mnist,lenet-5:cifar10
 
 The paper's schedule (N_t = 300 iterations x m = 250 batches) does not fit a CPU session; the
-presets below say what was run instead and the results record it.
+presets below say what was run instead and the results record it. Construction and retraining
+checkpoint into runs/stepping/<model>-<data>-<schedule>/: rerunning an interrupted command resumes
+them (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def write_run_json(run_dir: Path, model_name: str, data_name: str, original: flo
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: Path, seed: int) -> dict:
+def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: Path, seed: int,
+            resume: bool = True) -> dict:
     train_set, test_set = dy.data.load(data_name)
     teacher, original, teacher_epoch_s, teacher_epochs = teacher_for(
         model_name, data_name, train_set, test_set, preset["teacher_epochs"], runs, preset.get("teacher_lr", 0.05))
@@ -104,13 +107,15 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
     torch.manual_seed(seed)
     model = dy.models.create(model_name, num_classes=train_set.num_classes, expansion=EXPANSION[model_name],
                              input_shape=train_set.input_shape)
-    start = time.perf_counter()
-    net = construct(model, train_set, BUDGETS[model_name], config)
-    construction_s = time.perf_counter() - start
+    run_dir = runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}"
+    # Both phases checkpoint into run_dir: rerunning the same command after an interruption resumes
+    # them. Their times are summed from the runs' histories, so resumed parts are counted once.
+    net = construct(model, train_set, BUDGETS[model_name], config, checkpoint=run_dir / "construction",
+                    resume=resume)
+    construction_s = net.history["construction_seconds"]
     iterations = len(net.history["iterations"])
-    start = time.perf_counter()
-    net.retrain(train_set, teacher=teacher)
-    retrain_s = time.perf_counter() - start
+    log = net.retrain(train_set, teacher=teacher, checkpoint=run_dir / "retraining", resume=resume)
+    retrain_s = sum(entry["seconds"] for entry in log)
     accuracies = net.evaluate(test_set)
     fractions = net.mac_fractions()
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -136,7 +141,6 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
         "cost_vs_largest_subnet_same_steps": total_s / (total_batches * alone),
         "config": asdict(config), "paper": PAPER.get((model_name, data_name)),
     }
-    run_dir = runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}"
     net.save(run_dir / "stepping", extra={"original_accuracy": original})
     write_run_json(run_dir, model_name, data_name, original)
     print(json.dumps({k: result[k] for k in ("model", "data", "schedule", "accuracy", "mac_fraction")}), flush=True)
@@ -182,6 +186,8 @@ def main() -> None:
                       ("--retrain-epochs", "retrain_epochs"), ("--teacher-epochs", "teacher_epochs")):
         parser.add_argument(flag, type=int, default=None, dest=key, help=f"override the preset's {key}")
     parser.add_argument("--stem", default="stepping_table1")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming the checkpoints in "
+                                                               "runs/stepping/<model>-<data>-<schedule>")
     args = parser.parse_args()
     command = "python " + " ".join(sys.argv)
     print(command, flush=True)
@@ -192,7 +198,8 @@ def main() -> None:
         preset = dict(PRESETS[args.preset][model_name])
         preset.update({k: getattr(args, k) for k in ("iterations", "batches_per_iteration", "retrain_epochs",
                                                        "teacher_epochs") if getattr(args, k) is not None})
-        results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed))
+        results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed,
+                               resume=not args.fresh))
         report.write(ROOT / "results", args.stem, render(results, command, args.preset),
                      {"command": command, "preset": args.preset, "machine": report.machine(), "results": results})
     print(render(results, command, args.preset))
