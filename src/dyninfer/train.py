@@ -479,7 +479,12 @@ def fit(
 
     ctx = _setup_distributed(distributed)
     try:
-        return _fit(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx)
+        history = _fit(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx)
+        if ctx.owns_group and ctx.world_size > 1:
+            # every rank finished before the group is torn down: under load a gloo rank whose peer
+            # had already left aborted ("terminate called without an active exception") in CI
+            dist.barrier()
+        return history
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
