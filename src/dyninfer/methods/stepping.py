@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets
 from dyninfer.nn.tagged import TaggedSequential
@@ -346,12 +347,13 @@ class SteppingNet(TaggedSubnets, nn.Module):
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
         log: list[dict] = []
-        # What the checkpoint must belong to: this net as retraining found it, data, teacher.
-        origin = {"epochs": epochs, "data": _data_identity(train), "start": _fingerprint(self.net),
-                  "teacher": _fingerprint(teacher) if use_teacher is not None else None}
+        origin = {}
+        if checkpoint is not None:  # what the checkpoint must belong to: this net as found, data, teacher
+            origin = {"epochs": epochs, "data": _data_identity(train), "start": _fingerprint(self.net),
+                      "teacher": _fingerprint(teacher) if use_teacher is not None else None}
         if checkpoint is not None and not resume:
-            _remove_checkpoint(checkpoint)
-        if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
+            ckpt.remove(checkpoint)
+        if checkpoint is not None and resume and ckpt.exists(checkpoint):
             state = _restore(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
                              RETRAIN_FIELDS, origin)
             scheduler.load_state_dict(state["scheduler"])
@@ -406,21 +408,19 @@ class SteppingNet(TaggedSubnets, nn.Module):
     # -------------------------------------------------------------- persistence
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """safetensors (weights, tags, masks) + JSON (budgets, config, model, history)."""
-        from dyninfer import checkpoint
-
         meta = {"kind": "stepping", "budgets": self.budgets, "reference_macs": self.reference_macs,
                 "num_subnets": self.num_subnets, "input_shape": list(self.input_shape),
                 "model": self.net.dyninfer_config, "config": asdict(self.config),
                 "history": self.history, **(extra or {})}
         tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+        ckpt.save(path, tensors, json.loads(json.dumps(meta, default=str)))
 
     @classmethod
     def load(cls, path: str | Path) -> "SteppingNet":
-        from dyninfer import checkpoint, models
+        from dyninfer import models
 
-        tensors, meta = checkpoint.load(path)
+        tensors, meta = ckpt.load(path)
         if meta.get("kind") != "stepping":
             raise ValueError(f"{path} is not a SteppingNet checkpoint (kind={meta.get('kind')!r})")
         spec = meta["model"]
@@ -488,8 +488,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     history = {"iterations": [], **origin, "expanded_macs": net.subnet_macs(), "construction_seconds": 0.0,
                "budgets_met": False}
     if checkpoint is not None and not resume:
-        _remove_checkpoint(checkpoint)
-    if checkpoint is not None and resume and _checkpoint_exists(checkpoint):
+        ckpt.remove(checkpoint)
+    if checkpoint is not None and resume and ckpt.exists(checkpoint):
         history = _restore(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, CONSTRUCTION_FIELDS,
                            origin)
     # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
@@ -558,55 +558,35 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     return SteppingNet(net, budgets, reference, cfg, history)
 
 
-def _checkpoint_exists(path: str | Path) -> bool:
-    from dyninfer import checkpoint
-
-    return checkpoint.exists(path)
-
-
-def _remove_checkpoint(path: str | Path) -> None:
-    from dyninfer import checkpoint
-
-    checkpoint.remove(path)
-
-
 def _fingerprint(module: nn.Module) -> str:
-    from dyninfer import checkpoint
-
-    return checkpoint.fingerprint(module.state_dict())
+    return ckpt.fingerprint(module.state_dict())
 
 
 def _data_identity(data: ImageSet) -> dict:
     """Name, size, classes and a hash of the labels: a checkpoint is refused on other data."""
-    from dyninfer import checkpoint
-
     return {"name": data.name, "n": len(data), "num_classes": data.num_classes,
-            "labels": checkpoint.fingerprint({"labels": data.labels})}
+            "labels": ckpt.fingerprint({"labels": data.labels})}
 
 
 def _save_checkpoint(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
                      cfg: SteppingConfig, budgets: list[float], state: dict) -> None:
     """Atomic: net (weights, tags, pruning masks, BN), optimizer momentum, the loop's state, config."""
-    from dyninfer import checkpoint
-
-    opt_tensors, opt_skeleton = checkpoint.pack_state(optimizer.state_dict(), "optimizer")
+    opt_tensors, opt_skeleton = ckpt.pack_state(optimizer.state_dict(), "optimizer")
     tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     meta = {"kind": kind, "model": net.dyninfer_config, "budgets": budgets, "config": asdict(cfg),
             "state": state, "optimizer": opt_skeleton}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(path, {**tensors, **opt_tensors}, json.loads(json.dumps(meta, default=str)))
+    ckpt.save(path, {**tensors, **opt_tensors}, json.loads(json.dumps(meta, default=str)))
 
 
 def _restore(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
              cfg: SteppingConfig, budgets: list[float], fields: Sequence[str], expected: dict) -> dict:
     """Load a ``kind`` checkpoint into ``net``/``optimizer`` and return the loop's state, after
     checking that every setting that shaped it (``fields``, model, budgets, ``expected``) is unchanged."""
-    from dyninfer import checkpoint
-
-    tensors, meta = checkpoint.load(path)
-    where = f"{kind} checkpoint {str(checkpoint.paths(path)[0])!r}"
+    tensors, meta = ckpt.load(path)
+    where = f"{kind} checkpoint {str(ckpt.paths(path)[0])!r}"
     if meta.get("kind") != kind:
-        raise checkpoint.CheckpointMismatchError(f"{where} holds {meta.get('kind')!r}, not {kind!r}")
+        raise ckpt.CheckpointMismatchError(f"{where} holds {meta.get('kind')!r}, not {kind!r}")
     saved, state = meta["config"], meta["state"]
     changed = [f"{k} (checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in fields
                if saved.get(k) != getattr(cfg, k)]
@@ -616,10 +596,10 @@ def _restore(path: str | Path, kind: str, net: TaggedSequential, optimizer: torc
         changed.append(f"budgets (checkpoint {meta['budgets']}, now {budgets})")
     changed += [f"{k} (checkpoint {state.get(k)!r}, now {v!r})" for k, v in expected.items() if state.get(k) != v]
     if changed:
-        raise checkpoint.CheckpointMismatchError(f"cannot resume from {where}: " + "; ".join(changed)
+        raise ckpt.CheckpointMismatchError(f"cannot resume from {where}: " + "; ".join(changed)
                                                  + "; start over with resume=False (CLI: --no-resume) or use another path")
     net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
-    optimizer.load_state_dict(checkpoint.unpack_state(meta["optimizer"], tensors))
+    optimizer.load_state_dict(ckpt.unpack_state(meta["optimizer"], tensors))
     return state
 
 
