@@ -1,33 +1,37 @@
-"""Tagged networks: every hidden neuron carries the index of the smallest subnet that owns it.
+"""Tagged networks: every hidden channel carries the index of the smallest subnet that owns it.
 
-A :class:`TaggedSequential` wraps a flat ``nn.Sequential`` of plain layers (conv/linear with
-optional BatchNorm, ReLU, pooling, flatten; the last child is the classifier) and adds, per
-hidden layer, an integer ``tag`` per output neuron (1..N, or N+1 for "dropped") and a pruning
-mask per weight.  A connectivity rule says which inputs a neuron reads (DESIGN.md, "The one idea
-that unifies them"):
+A :class:`TaggedNet` reads a model as a program of stages (:mod:`dyninfer.nn.program`: conv /
+linear with optional BatchNorm, post ops, flatten, residual adds, the classifier last) and adds,
+per **tag group** (the channels a layer writes; a residual add ties the groups it joins), an
+integer ``tag`` per channel (1..N, or N+1 for "dropped"), and a pruning mask per weight. A
+connectivity rule says which inputs a channel reads (DESIGN.md, "The one idea that unifies them"):
 
-* ``causal`` (SteppingNet, any-width): a neuron with tag t reads only inputs with tag <= t, so
+* ``causal`` (SteppingNet, any-width): a channel with tag t reads only inputs with tag <= t, so
   subnet k never depends on a larger subnet and its activations are final for every subnet above
   it; one pass of the largest subnet gives every subnet's logits.
-* ``full`` (slimmable, US-Nets, slicing): subnet k uses every neuron with tag <= k and every
+* ``full`` (slimmable, US-Nets, slicing): subnet k uses every channel with tag <= k and every
   connection among them; stepping up recomputes. With ``switchable_bn=True`` each subnet has its
   own BatchNorm (statistics and affine), chosen by the explicit ``subnet`` argument.
 
 Subnet k is computed by slicing the active rows/columns out of the weights, so work that is not
 in the subnet is not done, and BatchNorm statistics are only touched for the active channels.
+Both sides of a residual add have the same tags, hence the same active rows, so they add directly.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.fx as fx
 
-_POST_OPS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+from dyninfer.nn.program import trace
+
 
 
 @dataclass
@@ -59,89 +63,154 @@ class SwitchableBatchNorm(nn.Module):
         raise RuntimeError("a SwitchableBatchNorm needs the subnet; TaggedSequential selects the copy")
 
 
-class TaggedSequential(nn.Module):
-    """A flat sequential model with per-neuron subnet tags and a connectivity rule.
+class TaggedNet(nn.Module):
+    """A tagged network over a program of stages (:mod:`dyninfer.nn.program`): plain stacks and
+    residual networks alike, converted from any supported ``nn.Module`` with ``torch.fx``.
+
+    Every hidden layer writes into one **tag group**: the channels it produces. A residual add
+    ties the groups of the two tensors it adds, so all layers that write into one residual
+    stream share one tags buffer (``tags(g)``), and a move, a prefix width or a per-layer width
+    is the same on both sides of the add. In a plain stack group i is layer i.
 
     ``rule="causal"`` (default) is the incremental rule; ``rule="full"`` gives subnet k all
     connections among its neurons. ``switchable_bn`` gives each subnet its own BatchNorm copies
     (initialised from the model's). The model's conv/linear layers are shared, not copied.
     """
 
-    def __init__(self, model: nn.Sequential, num_subnets: int, input_shape: Sequence[int], *,
+    def __init__(self, model: nn.Module, num_subnets: int, input_shape: Sequence[int], *,
                  rule: str = "causal", switchable_bn: bool = False):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
+            raise ValueError(f"num_subnets must be an int >= 1, got {num_subnets!r}")
         self.rule = rule
         self.switchable_bn = bool(switchable_bn)
-        if not isinstance(model, nn.Sequential):
-            raise TypeError(
-                f"SteppingNet needs a flat nn.Sequential (lenet-5, lenet-3c1l, vgg-16 in the zoo); "
-                f"got {type(model).__name__}"
-            )
-        if num_subnets < 1:
-            raise ValueError(f"num_subnets must be >= 1, got {num_subnets}")
         self.num_subnets = int(num_subnets)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dyninfer_config = dict(getattr(model, "dyninfer_config", {}) or {})
 
-        children = list(model.children())
-        if not children or not isinstance(children[-1], nn.Linear):
-            raise ValueError("the model's last child must be the nn.Linear classifier")
-        self.layers = nn.ModuleList()   # hidden Conv2d / Linear layers
-        self.norms = nn.ModuleList()    # BatchNorm after each hidden layer (or Identity)
-        self.posts = nn.ModuleList()    # ReLU / pooling / flatten after each hidden layer
-        for child in children[:-1]:
-            if isinstance(child, (nn.Conv2d, nn.Linear)):
-                if isinstance(child, nn.Conv2d) and child.groups != 1:
-                    raise ValueError("grouped convolutions cannot carry per-neuron tags")
-                self.layers.append(child)
-                self.norms.append(nn.Identity())
-                self.posts.append(nn.Sequential())
-            elif not self.layers:
-                raise ValueError(f"the model must start with Conv2d or Linear, got {type(child).__name__}")
-            elif isinstance(child, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                if not isinstance(self.norms[-1], nn.Identity) or len(self.posts[-1]) > 0:
-                    raise ValueError("BatchNorm must directly follow a Conv2d/Linear layer")
-                self.norms[-1] = child
-            elif isinstance(child, _POST_OPS):
-                self.posts[-1].append(child)
-            else:
-                raise ValueError(
-                    f"layer type {type(child).__name__} is not supported in a tagged network; "
-                    f"supported: Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, AvgPool2d, Flatten, Dropout"
-                )
-        self.classifier = children[-1]
-
-        # Dry run: output positions per layer (MACs) and flatten multiplicity (input tags).
-        self.out_positions: list[int] = []
-        self.in_repeat: list[int] = []  # how many input features each previous neuron feeds
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            x = torch.zeros(1, *self.input_shape)
-            repeat = 1
-            for layer, norm, post in zip(self.layers, self.norms, self.posts):
-                self.in_repeat.append(repeat)
-                x = norm(layer(x))
-                self.out_positions.append(x[0, 0].numel())
-                channels = x.shape[1]
-                x = post(x)
-                repeat = x[0].numel() // channels if x.dim() == 2 else 1
-            self.in_repeat.append(repeat)  # classifier
-            model.train(was_training)
+        program = trace(model)
+        if not program.layers:
+            raise ValueError("a tagged network needs at least one hidden Conv2d/Linear before the classifier")
+        self.program = program.nodes
+        self.layers = nn.ModuleList(program.layers)   # hidden Conv2d / Linear layers
+        self.norms = nn.ModuleList(program.norms)     # BatchNorm after each hidden layer (or Identity)
+        self.maps = nn.ModuleList(program.maps)       # post ops: ReLU, pooling, flatten, dropout
+        self.classifier = program.classifier
+        self._link(model)
 
         if self.switchable_bn:
             for i, norm in enumerate(self.norms):
                 if not isinstance(norm, nn.Identity):
                     self.norms[i] = SwitchableBatchNorm(norm, self.num_subnets)
-
+        for g in range(self.num_groups):
+            self.register_buffer(f"tags_{g}", torch.ones(self.group_widths[g], dtype=torch.long))
         for i, layer in enumerate(self.layers):
-            self.register_buffer(f"tags_{i}", torch.ones(layer.weight.shape[0], dtype=torch.long))
             self.register_buffer(f"alive_{i}", torch.ones_like(layer.weight, dtype=torch.bool))
         self.register_buffer("alive_cls", torch.ones_like(self.classifier.weight, dtype=torch.bool))
 
-    # ----------------------------------------------------------------- tags and masks
+    # ----------------------------------------------------------------- structure
+    def _link(self, model: nn.Module) -> None:
+        """Tag groups (residual adds tie them), input groups, flatten multiplicities and output
+        positions of every layer, from the program and one dry run."""
+        nodes = self.program
+        parent = list(range(len(self.layers)))
+
+        def find(g: int) -> int:
+            while parent[g] != g:
+                parent[g] = parent[parent[g]]
+                g = parent[g]
+            return g
+
+        raw = [-1] * len(nodes)          # provisional group of each node's channels (-1: the image)
+        for j, node in enumerate(nodes):
+            if node.op == "layer":
+                raw[j] = node.index
+            elif node.op in ("map", "flatten"):
+                raw[j] = raw[node.args[0]]
+            elif node.op == "add":
+                a, b = (raw[k] for k in node.args)
+                if a < 0 or b < 0:
+                    raise ValueError(f"the residual add at fx node {node.name!r} reads the input image directly; "
+                                     f"a tagged add needs both sides computed by layers")
+                parent[find(a)] = find(b)
+                raw[j] = b
+        roots, self.layer_group = {}, []
+        for i in range(len(self.layers)):  # number groups by their first writer
+            self.layer_group.append(roots.setdefault(find(i), len(roots)))
+        self.num_groups = len(roots)
+        self.node_group = [-1 if r < 0 else self.layer_group[find(r)] for r in raw]
+
+        # Dry run (eval, zeros): shapes for positions, flatten multiplicity and group widths.
+        shapes: list[tuple[int, ...]] = []
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                vals: list[torch.Tensor] = []
+                for node in nodes:
+                    if node.op == "input":
+                        out = torch.zeros(1, *self.input_shape)
+                    elif node.op == "layer":
+                        out = self.norms[node.index](self.layers[node.index](vals[node.args[0]]))
+                    elif node.op in ("map", "flatten"):
+                        out = self.maps[node.index](vals[node.args[0]])
+                    elif node.op == "add":
+                        a, b = (vals[k] for k in node.args)
+                        if a.shape != b.shape:
+                            raise ValueError(f"the residual add at fx node {node.name!r} joins shapes "
+                                             f"{tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+                        out = a + b
+                    else:  # classifier
+                        out = self.classifier(vals[node.args[0]])
+                    vals.append(out)
+                    shapes.append(tuple(out.shape[1:]))
+            except (RuntimeError, ValueError) as error:
+                if isinstance(error, ValueError) and "residual add" in str(error):
+                    raise
+                raise ValueError(f"the model does not run on inputs of shape {self.input_shape}: {error}") from None
+            finally:
+                model.train(was_training)
+        self.node_repeat = []   # positions per channel of each node's features (after a flatten)
+        for j, node in enumerate(nodes):
+            if node.op == "flatten":
+                src = shapes[node.args[0]]
+                self.node_repeat.append(self.node_repeat[node.args[0]] * (src[1] * src[2] if len(src) == 3 else 1))
+            elif node.op in ("map", "add"):
+                self.node_repeat.append(self.node_repeat[node.args[0]])
+            else:
+                self.node_repeat.append(1)
+        self.layer_node = [0] * len(self.layers)
+        for j, node in enumerate(nodes):
+            if node.op == "layer":
+                self.layer_node[node.index] = j
+            if node.op == "classifier":
+                self.classifier_node = j
+        # per layer (classifier last): the group it reads (-1: the image) and its flatten multiplicity
+        reads = [nodes[j].args[0] for j in self.layer_node] + [nodes[self.classifier_node].args[0]]
+        self.layer_source = [self.node_group[r] for r in reads]
+        self.in_repeat = [self.node_repeat[r] for r in reads]
+        self.out_positions = [shapes[j][1] * shapes[j][2] if len(shapes[j]) == 3 else 1 for j in self.layer_node]
+        self.group_widths = [0] * self.num_groups
+        for i, layer in enumerate(self.layers):
+            self.group_widths[self.layer_group[i]] = int(layer.weight.shape[0])
+        self.chain = (not any(node.op == "add" for node in nodes)
+                      and self.layer_group == list(range(len(self.layers)))
+                      and self.layer_source == list(range(-1, len(self.layers))))
+        if self.chain:  # the post ops after each layer, for the chain-specialised runtime and export
+            posts: list[list[nn.Module]] = [[] for _ in self.layers]
+            owner = -1
+            for node in nodes:
+                if node.op == "layer":
+                    owner = node.index
+                elif node.op in ("map", "flatten"):
+                    if owner < 0:
+                        raise ValueError("the model must start with Conv2d or Linear, got "
+                                         f"{type(self.maps[node.index]).__name__}")
+                    posts[owner].append(self.maps[node.index])
+            self.posts = [nn.Sequential(*p) for p in posts]
+
     @property
     def num_hidden(self) -> int:
         return len(self.layers)
@@ -153,30 +222,40 @@ class TaggedSequential(nn.Module):
         return self.rule == "causal" and not self.switchable_bn
 
     def widths(self) -> list[int]:
-        """Output neurons of every hidden layer (the largest a subnet can use)."""
-        return [int(layer.weight.shape[0]) for layer in self.layers]
+        """Channels of every tag group (the largest a subnet can use)."""
+        return list(self.group_widths)
 
+    def group_layers(self, group: int) -> list[int]:
+        """Hidden layers that write into tag group ``group`` (several when a residual add ties them)."""
+        return [i for i, g in enumerate(self.layer_group) if g == group]
+
+    def group_readers(self, group: int) -> list[int]:
+        """Layers (classifier = ``num_hidden``) whose input is tag group ``group``."""
+        return [i for i, g in enumerate(self.layer_source) if g == group]
+
+    # ----------------------------------------------------------------- tags and masks
     def set_prefix_tags(self, counts: Sequence[Sequence[int]]) -> None:
-        """Regular (slimmable-style) tags: subnet k owns the first ``counts[k-1][i]`` neurons of
-        hidden layer i; neurons beyond the largest subnet's count get tag N+1 (dropped).
+        """Regular (slimmable-style) tags: subnet k owns the first ``counts[k-1][g]`` channels of
+        tag group g; channels beyond the largest subnet's count get tag N+1 (dropped).
 
-        Counts must be >= 1, non-decreasing in k and at most the layer's width.
+        Counts must be >= 1, non-decreasing in k and at most the group's width.
         """
         widths = self.widths()
         rows = [list(map(int, c)) for c in counts]
-        if len(rows) != self.num_subnets or any(len(c) != self.num_hidden for c in rows):
-            raise ValueError(f"counts must be {self.num_subnets} lists (one per subnet) of {self.num_hidden} "
-                             f"channel counts (one per hidden layer); got {counts!r}")
-        for i, width in enumerate(widths):
-            column = [c[i] for c in rows]
+        if len(rows) != self.num_subnets or any(len(c) != self.num_groups for c in rows):
+            raise ValueError(f"counts must be {self.num_subnets} lists (one per subnet) of {self.num_groups} "
+                             f"channel counts (one per tag group); got {counts!r}")
+        for g, width in enumerate(widths):
+            column = [c[g] for c in rows]
             if column[0] < 1 or column[-1] > width or any(a > b for a, b in zip(column, column[1:])):
-                raise ValueError(f"layer {i} (width {width}): counts per subnet must be non-decreasing "
+                raise ValueError(f"tag group {g} (width {width}): counts per subnet must be non-decreasing "
                                  f"within 1..{width}; got {column}")
-            tags = self.tags(i)
+            tags = self.tags(g)
             index = torch.arange(width, device=tags.device)
             bounds = torch.tensor(column, device=tags.device)
             tags.copy_(1 + (index.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1))
-            self.alive(i)[:] = True
+            for i in self.group_layers(g):
+                self.alive(i)[:] = True
 
     def norm_of(self, layer: int, subnet: int) -> nn.Module:
         """The BatchNorm (or Identity) that normalises hidden ``layer`` in ``subnet``."""
@@ -197,24 +276,35 @@ class TaggedSequential(nn.Module):
             if getattr(norm, "running_mean", None) is not None:
                 norm.reset_running_stats()
 
-    def tags(self, layer: int) -> torch.Tensor:
-        return getattr(self, f"tags_{layer}")
+    def tags(self, group: int) -> torch.Tensor:
+        """Tag of every channel of tag group ``group`` (in a plain stack: of hidden layer ``group``)."""
+        return getattr(self, f"tags_{group}")
 
-    def set_tags(self, layer: int, channels: torch.Tensor, tag: int) -> None:
-        """Move ``channels`` of ``layer`` to subnet ``tag`` and revive their pruned weights."""
+    def layer_tags(self, layer: int) -> torch.Tensor:
+        """Tag of every output channel of hidden ``layer`` (its group's tags)."""
+        return self.tags(self.layer_group[layer])
+
+    def set_tags(self, group: int, channels: torch.Tensor, tag: int) -> None:
+        """Move ``channels`` of tag group ``group`` to subnet ``tag`` and revive their pruned weights
+        in every layer that writes them."""
         if not 1 <= tag <= self.num_subnets + 1:
             raise ValueError(f"tag must be in 1..{self.num_subnets + 1}, got {tag}")
-        self.tags(layer)[channels] = tag
-        self.alive(layer)[channels] = True
+        self.tags(group)[channels] = tag
+        for i in self.group_layers(group):
+            self.alive(i)[channels] = True
 
     def alive(self, layer: int) -> torch.Tensor:
         return self.alive_cls if layer == self.num_hidden else getattr(self, f"alive_{layer}")
 
+    def _weight(self, layer: int) -> torch.Tensor:
+        return self.classifier.weight if layer == self.num_hidden else self.layers[layer].weight
+
     def input_tags(self, layer: int) -> torch.Tensor:
         """Tag of each input feature of ``layer`` (the image belongs to every subnet: tag 1)."""
-        if layer == 0:
-            return torch.ones(self.input_shape[0], dtype=torch.long, device=self.tags(0).device)
-        return self.tags(layer - 1).repeat_interleave(self.in_repeat[layer])
+        source = self.layer_source[layer]
+        if source < 0:
+            return torch.ones(self.input_shape[0], dtype=torch.long, device=self.alive_cls.device)
+        return self.tags(source).repeat_interleave(self.in_repeat[layer])
 
     def connectivity(self, layer: int) -> torch.Tensor:
         """(out, in) bool: the causal rule, output with tag t reads inputs with tag <= t.
@@ -224,9 +314,8 @@ class TaggedSequential(nn.Module):
         """
         in_tags = self.input_tags(layer)
         if layer == self.num_hidden or self.rule == "full":  # classifier outputs belong to every subnet
-            weight = self.classifier.weight if layer == self.num_hidden else self.layers[layer].weight
-            return torch.ones(weight.shape[:2], dtype=torch.bool, device=in_tags.device)
-        return in_tags.unsqueeze(0) <= self.tags(layer).unsqueeze(1)
+            return torch.ones(self._weight(layer).shape[:2], dtype=torch.bool, device=in_tags.device)
+        return in_tags.unsqueeze(0) <= self.layer_tags(layer).unsqueeze(1)
 
     def _mask_slice(self, layer: int, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
         """``weight_mask(layer)[rows][:, cols]`` without building the whole mask."""
@@ -235,12 +324,12 @@ class TaggedSequential(nn.Module):
         if layer == self.num_hidden or self.rule == "full":
             return alive
         in_tags = self.input_tags(layer)[cols]
-        conn = in_tags.unsqueeze(0) <= self.tags(layer)[rows].unsqueeze(1)
+        conn = in_tags.unsqueeze(0) <= self.layer_tags(layer)[rows].unsqueeze(1)
         return alive & conn.view(*conn.shape, *([1] * (alive.dim() - 2)))
 
     def weight_mask(self, layer: int) -> torch.Tensor:
         """Causal rule and pruning together, shaped like the layer's weight."""
-        weight = self.classifier.weight if layer == self.num_hidden else self.layers[layer].weight
+        weight = self._weight(layer)
         conn = self.connectivity(layer)
         return conn.view(*conn.shape, *([1] * (weight.dim() - 2))) & self.alive(layer)
 
@@ -253,16 +342,15 @@ class TaggedSequential(nn.Module):
         """
         pruned = 0
         for i in range(self.num_hidden + 1):
-            weight = self.classifier.weight if i == self.num_hidden else self.layers[i].weight
-            alive = weight.detach().abs() >= threshold
+            alive = self._weight(i).detach().abs() >= threshold
             self.alive(i).copy_(alive)
             pruned += int((~alive).sum())
         return pruned
 
     def counts(self) -> list[list[int]]:
-        """Per hidden layer, the number of neurons with each tag 1..N+1."""
-        return [torch.bincount(self.tags(i), minlength=self.num_subnets + 2)[1:].tolist()
-                for i in range(self.num_hidden)]
+        """Per tag group, the number of channels with each tag 1..N+1."""
+        return [torch.bincount(self.tags(g), minlength=self.num_subnets + 2)[1:].tolist()
+                for g in range(self.num_groups)]
 
     # ----------------------------------------------------------------- cost
     def subnet_macs(self, input_shape: Sequence[int] | None = None, subnet: int | None = None) -> int:
@@ -279,9 +367,9 @@ class TaggedSequential(nn.Module):
             if i == self.num_hidden:
                 total += int(self._mask_slice(i, None, cols).sum())
             elif self.rule == "causal":  # columns with tag > k are masked already in rows <= k
-                total += int(self.weight_mask(i)[self.tags(i) <= k].sum()) * self.out_positions[i]
+                total += int(self.weight_mask(i)[self.layer_tags(i) <= k].sum()) * self.out_positions[i]
             else:
-                rows = torch.nonzero(self.tags(i) <= k).squeeze(1)
+                rows = torch.nonzero(self.layer_tags(i) <= k).squeeze(1)
                 total += int(self._mask_slice(i, rows, cols).sum()) * self.out_positions[i]
         return total
 
@@ -295,16 +383,14 @@ class TaggedSequential(nn.Module):
         return subnet
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"expected input of shape (batch, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}"
-            )
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected input of shape (batch, {', '.join(map(str, self.input_shape))}), got {got}")
 
     def _effective_weight(self, layer: int, straight_through: bool, rows: torch.Tensor | None,
                           cols: torch.Tensor) -> torch.Tensor:
         """The weight block of ``rows`` (None: all) x ``cols`` with the rule and pruning applied."""
-        weight = self.classifier.weight if layer == self.num_hidden else self.layers[layer].weight
+        weight = self._weight(layer)
         if self.rule == "full":  # slice first: the block is all a subnet touches
             weight = weight[:, cols] if rows is None else weight[rows][:, cols]
             mask = self._mask_slice(layer, rows, cols)
@@ -323,39 +409,63 @@ class TaggedSequential(nn.Module):
         return weight[:, cols] if rows is None else weight[rows][:, cols]
 
     def _hidden(self, x: torch.Tensor, subnet: int, straight_through: bool, keep: bool):
-        """Run hidden layers of ``subnet``; returns features, their input columns, preacts, rows."""
-        cols = torch.arange(x.shape[1], device=x.device)
-        preacts, row_list = [], []
-        for i, (layer, norm, post) in enumerate(zip(self.layers, self.norms, self.posts)):
-            rows = torch.nonzero(self.tags(i) <= subnet).squeeze(1)
-            weight = self._effective_weight(i, straight_through, rows, cols)
-            bias = layer.bias[rows] if layer.bias is not None else None
-            if isinstance(layer, nn.Conv2d):
-                z = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
-            else:
-                z = F.linear(x, weight, bias)
-            z = self._norm(self.norm_of(i, subnet), z, rows)
-            if keep:
-                preacts.append(z)
-                row_list.append(rows)
-            x = post(z)
-            repeat = self.in_repeat[i + 1]
-            cols = (rows.unsqueeze(1) * repeat + torch.arange(repeat, device=rows.device)).reshape(-1)
-        return x, cols, preacts, row_list
+        """Run the program for ``subnet`` up to the classifier; returns its input features, their
+        columns, and (``keep``) every hidden layer's pre-activation and active rows."""
+        vals: list[torch.Tensor | None] = []
+        active: list[torch.Tensor] = []  # per node: indices of its group's features present
+        preacts: list[torch.Tensor] = [None] * self.num_hidden  # type: ignore[list-item]
+        row_list: list[torch.Tensor] = [None] * self.num_hidden  # type: ignore[list-item]
+        for j, node in enumerate(self.program):
+            src = node.args[0] if node.args else None
+            if node.op == "input":
+                out, cols = x, torch.arange(x.shape[1], device=x.device)
+            elif node.op == "layer":
+                i = node.index
+                layer = self.layers[i]
+                rows = torch.nonzero(self.layer_tags(i) <= subnet).squeeze(1)
+                weight = self._effective_weight(i, straight_through, rows, active[src])
+                bias = layer.bias[rows] if layer.bias is not None else None
+                if isinstance(layer, nn.Conv2d):
+                    out = F.conv2d(vals[src], weight, bias, layer.stride, layer.padding, layer.dilation)
+                else:
+                    out = F.linear(vals[src], weight, bias)
+                out = self._norm(self.norm_of(i, subnet), out, rows)
+                if keep:
+                    preacts[i], row_list[i] = out, rows
+                cols = rows
+            elif node.op == "map":
+                out, cols = self.maps[node.index](vals[src]), active[src]
+            elif node.op == "flatten":
+                out = vals[src].flatten(1)
+                repeat = self.node_repeat[j] // self.node_repeat[src]
+                base = active[src] * repeat
+                cols = (base.unsqueeze(1) + torch.arange(repeat, device=base.device)).reshape(-1)
+            elif node.op == "add":
+                out, cols = vals[node.args[0]] + vals[node.args[1]], active[node.args[0]]
+            else:  # classifier
+                return vals[src], active[src], preacts, row_list
+            vals.append(out)
+            active.append(cols)
+        raise AssertionError("a program ends with its classifier")
 
     @staticmethod
     def _norm(norm: nn.Module, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """BatchNorm restricted to ``rows``; running statistics updated only for those rows."""
+        """BatchNorm restricted to ``rows``; running statistics updated only for those rows, with
+        the norm's own momentum (``None``: cumulative average) and batch counter."""
         if isinstance(norm, nn.Identity):
             return z
+        tracking = norm.training and norm.running_mean is not None
+        momentum = 0.0
+        if tracking:
+            norm.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         use_batch = norm.training or norm.running_mean is None
         mean = norm.running_mean[rows] if norm.running_mean is not None else None
         var = norm.running_var[rows] if norm.running_var is not None else None
         weight = norm.weight[rows] if norm.weight is not None else None
         bias = norm.bias[rows] if norm.bias is not None else None
-        momentum = 0.1 if norm.momentum is None else norm.momentum
         out = F.batch_norm(z, mean, var, weight, bias, use_batch, momentum, norm.eps)
-        if norm.training and norm.running_mean is not None:
+        if tracking:
             with torch.no_grad():
                 norm.running_mean[rows] = mean
                 norm.running_var[rows] = var
@@ -392,18 +502,18 @@ class TaggedSequential(nn.Module):
             part = F.linear(features[:, sel], weight[:, sel])
             running = part + running if running is not None else part
             logits.append(running)
-        return HiddenOutputs(logits, preacts, rows)
+        return HiddenOutputs(logits, preacts if keep_preacts else [], rows if keep_preacts else [])
 
     # ----------------------------------------------------------------- gradient shaping
     def param_tags(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """(parameter, tag per slice, dim) for every parameter: which subnet owns each slice.
 
-        Hidden weights, biases and BN affine parameters belong to their output neuron's tag; the
+        Hidden weights, biases and BN affine parameters belong to their output channel's tag; the
         classifier's weight columns to their input feature's tag, its bias to subnet 1.
         """
         owned = []
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-            tags = self.tags(i)
+            tags = self.layer_tags(i)
             for p in (layer.weight, layer.bias, getattr(norm, "weight", None), getattr(norm, "bias", None)):
                 if p is not None:
                     owned.append((p, tags, 0))
@@ -439,53 +549,118 @@ class TaggedSequential(nn.Module):
 
     # ----------------------------------------------------------------- dense export
     @torch.no_grad()
-    def dense(self, subnet: int | None = None, *, fold_bn: bool = True) -> nn.Sequential:
-        """Subnet k as a plain ``nn.Sequential`` of its exact shapes (any rule; eval statistics).
-
-        The once-for-all ``get_active_subnet(preserve_weight=True)`` step: sliced, masked
-        weights are copied into static layers, the subnet's BatchNorm folded in when
-        ``fold_bn``. Under the causal rule masked (upper-block) weights stay as zeros.
-        """
-        k = self._check_subnet(self.num_subnets if subnet is None else subnet)
-        modules: list[nn.Module] = []
-        cols = torch.arange(self.input_shape[0], device=self.tags(0).device)
-        for i, (layer, post) in enumerate(zip(self.layers, self.posts)):
-            rows = torch.nonzero(self.tags(i) <= k).squeeze(1)
-            weight = layer.weight[rows][:, cols] * self._mask_slice(i, rows, cols)
-            bias = layer.bias[rows] if layer.bias is not None else None
-            if isinstance(layer, nn.Conv2d):
-                dense = nn.Conv2d(len(cols), len(rows), layer.kernel_size, layer.stride, layer.padding,
-                                  layer.dilation, bias=bias is not None or fold_bn)
-            else:
-                dense = nn.Linear(len(cols), len(rows), bias=bias is not None or fold_bn)
-            dense = dense.to(weight.device, weight.dtype)
-            norm = self.norm_of(i, k)
+    def _dense_layer(self, i: int, k: int, cols: torch.Tensor, fold_bn: bool) -> tuple[list[nn.Module], torch.Tensor]:
+        """Hidden layer ``i`` of subnet k as plain modules ([conv/linear] or [.., BatchNorm]) and its rows."""
+        layer = self.layers[i]
+        rows = torch.nonzero(self.layer_tags(i) <= k).squeeze(1)
+        weight = layer.weight[rows][:, cols] * self._mask_slice(i, rows, cols)
+        bias = layer.bias[rows] if layer.bias is not None else None
+        if isinstance(layer, nn.Conv2d):
+            dense = nn.Conv2d(len(cols), len(rows), layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, bias=bias is not None or fold_bn)
+        else:
+            dense = nn.Linear(len(cols), len(rows), bias=bias is not None or fold_bn)
+        dense = dense.to(weight.device, weight.dtype)
+        norm = self.norm_of(i, k)
+        bn = None
+        if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn = type(norm)(len(rows), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                            track_running_stats=norm.track_running_stats).to(weight.device)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(norm, name) is not None:
+                    getattr(bn, name).copy_(getattr(norm, name)[rows])
+        if fold_bn and bn is not None and bn.running_var is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn)
             bn = None
-            if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                bn = type(norm)(len(rows), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                                track_running_stats=norm.track_running_stats).to(weight.device)
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    if getattr(norm, name) is not None:
-                        getattr(bn, name).copy_(getattr(norm, name)[rows])
-            if fold_bn and bn is not None and bn.running_var is not None:
-                weight, bias = fold_batchnorm(weight, bias, bn)
-                bn = None
-            dense.weight.copy_(weight)
-            if dense.bias is not None:
-                dense.bias.copy_(bias if bias is not None else torch.zeros(len(rows)))
-            modules.append(dense)
-            if bn is not None:
-                modules.append(bn)
-            modules.extend(copy.deepcopy(m) for m in post if not isinstance(m, nn.Dropout))
-            repeat = self.in_repeat[i + 1]
-            cols = (rows.unsqueeze(1) * repeat + torch.arange(repeat, device=rows.device)).reshape(-1)
+        dense.weight.copy_(weight)
+        if dense.bias is not None:
+            dense.bias.copy_(bias if bias is not None else torch.zeros(len(rows)))
+        return ([dense] if bn is None else [dense, bn]), rows
+
+    @torch.no_grad()
+    def _dense_classifier(self, cols: torch.Tensor) -> nn.Linear:
         weight = self.classifier.weight[:, cols] * self._mask_slice(self.num_hidden, None, cols)
         classifier = nn.Linear(len(cols), weight.shape[0], bias=self.classifier.bias is not None).to(weight.device)
         classifier.weight.copy_(weight)
         if self.classifier.bias is not None:
             classifier.bias.copy_(self.classifier.bias)
-        modules.append(classifier)
-        return nn.Sequential(*modules).eval()
+        return classifier
+
+    @torch.no_grad()
+    def dense(self, subnet: int | None = None, *, fold_bn: bool = True) -> nn.Module:
+        """Subnet k as a plain torch module of its exact shapes (any rule; eval statistics).
+
+        The once-for-all ``get_active_subnet(preserve_weight=True)`` step: sliced, masked
+        weights are copied into static layers, the subnet's BatchNorm folded in when
+        ``fold_bn``. Under the causal rule masked (upper-block) weights stay as zeros. A plain
+        stack gives an ``nn.Sequential``; a residual network an ``fx.GraphModule`` (plain torch:
+        scriptable and exportable, no dyninfer needed to run it).
+        """
+        k = self._check_subnet(self.num_subnets if subnet is None else subnet)
+        if self.chain:
+            modules: list[nn.Module] = []
+            cols = torch.arange(self.input_shape[0], device=self.alive_cls.device)
+            for i, post in enumerate(self.posts):
+                layer_modules, rows = self._dense_layer(i, k, cols, fold_bn)
+                modules.extend(layer_modules)
+                modules.extend(copy.deepcopy(m) for m in post if not isinstance(m, nn.Dropout))
+                repeat = self.in_repeat[i + 1]
+                cols = (rows.unsqueeze(1) * repeat + torch.arange(repeat, device=rows.device)).reshape(-1)
+            modules.append(self._dense_classifier(cols))
+            return nn.Sequential(*modules).eval()
+        return self._dense_graph(k, fold_bn)
+
+    def _dense_graph(self, k: int, fold_bn: bool) -> fx.GraphModule:
+        root, graph = nn.Module(), fx.Graph()
+        env: list = []
+        active: list[torch.Tensor] = []
+        for j, node in enumerate(self.program):
+            src = node.args[0] if node.args else None
+            if node.op == "input":
+                env.append(graph.placeholder("x"))
+                active.append(torch.arange(self.input_shape[0], device=self.alive_cls.device))
+                continue
+            if node.op == "layer":
+                modules, cols = self._dense_layer(node.index, k, active[src], fold_bn)
+                value = env[src]
+                for m, suffix in zip(modules, ("", "_bn")):
+                    name = f"layer{node.index}{suffix}"
+                    root.add_module(name, m)
+                    value = graph.call_module(name, (value,))
+            elif node.op == "map":
+                module = self.maps[node.index]
+                cols = active[src]
+                if isinstance(module, (nn.Dropout, nn.Identity)):
+                    value = env[src]
+                else:
+                    name = f"op{node.index}"
+                    root.add_module(name, copy.deepcopy(module))
+                    value = graph.call_module(name, (env[src],))
+            elif node.op == "flatten":
+                value = graph.call_function(torch.flatten, (env[src], 1))
+                repeat = self.node_repeat[j] // self.node_repeat[src]
+                cols = (active[src].unsqueeze(1) * repeat + torch.arange(repeat, device=active[src].device)).reshape(-1)
+            elif node.op == "add":
+                value = graph.call_function(operator.add, (env[node.args[0]], env[node.args[1]]))
+                cols = active[node.args[0]]
+            else:  # classifier
+                root.add_module("classifier", self._dense_classifier(active[src]))
+                graph.output(graph.call_module("classifier", (env[src],)))
+                break
+            env.append(value)
+            active.append(cols)
+        return fx.GraphModule(root, graph).eval()
+
+
+class TaggedSequential(TaggedNet):
+    """The tagged core over a flat ``nn.Sequential`` (kept name; any supported model works with
+    :class:`TaggedNet`)."""
+
+    def __init__(self, model: nn.Sequential, num_subnets: int, input_shape: Sequence[int], **options):
+        if not isinstance(model, nn.Sequential):
+            raise TypeError(f"TaggedSequential needs a flat nn.Sequential; got {type(model).__name__} "
+                            f"(use TaggedNet for residual networks and other models)")
+        super().__init__(model, num_subnets, input_shape, **options)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
