@@ -453,9 +453,9 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
 
 
 def _fold(model: nn.Module) -> nn.Module:
-    from dyninfer.nn.tagged import fold_sequential
+    from dyninfer.nn.tagged import fold_module
 
-    return fold_sequential(model.eval()) if isinstance(model, nn.Sequential) else copy.deepcopy(model).eval()
+    return fold_module(model.eval())
 
 
 # ---------------------------------------------------------------------------- outputs

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets
-from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.nn.tagged import TaggedNet
 
 SCHEDULES = ("joint", "sequential")
 
@@ -135,7 +135,7 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
     return weights, factor, decay
 
 
-def train_step(net: TaggedSequential, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+def train_step(net: TaggedNet, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                config: SteppingConfig, teacher_logits: torch.Tensor | None = None,
                correct: list[int] | None = None) -> list[float]:
     """One batch for every subnet (ascending), with weight-update suppression. Returns losses.
@@ -185,7 +185,7 @@ def _count_correct(correct: list[int] | None, logits: Sequence[torch.Tensor], y:
 class _frozen_above:
     """Context: slices owned by subnets larger than ``subnet`` keep their values."""
 
-    def __init__(self, net: TaggedSequential, subnet: int):
+    def __init__(self, net: TaggedNet, subnet: int):
         self.net, self.subnet = net, subnet
 
     def __enter__(self):
@@ -208,16 +208,19 @@ def make_optimizer(net: nn.Module, lr: float, config: SteppingConfig) -> torch.o
 
 
 # ---------------------------------------------------------------------------- importance
-def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                config: SteppingConfig) -> list[torch.Tensor]:
-    """Eq. 1-3: M_j = sum_{k >= tag_j} alpha_k |dL_k / dr_j| for every hidden neuron j.
+    """Eq. 1-3: M_j = sum_{k >= tag_j} alpha_k |dL_k / dr_j| for every channel j of every tag group.
 
-    r_j scales neuron j's pre-activation and is fixed to 1, so dL/dr_j = sum over batch and
-    positions of (dL/dz_j * z_j): one backward per subnet through the activations only.
+    r_j scales channel j's pre-activation and is fixed to 1, so dL/dr_j = sum over batch and
+    positions of (dL/dz_j * z_j): one backward per subnet through the activations only. Where a
+    residual add ties several layers into one group, one r_j scales the channel in all of them,
+    so its derivative is the sum over those layers.
     """
     n = net.num_subnets
     alphas = [config.alpha_growth ** (k - 1) for k in range(1, n + 1)]
-    grads = [[torch.zeros(len(net.tags(i)), device=net.tags(i).device) for i in range(net.num_hidden)]
+    dtype = net.classifier.weight.dtype
+    grads = [[torch.zeros(len(net.tags(g)), dtype=dtype, device=net.tags(g).device) for g in range(net.num_groups)]
              for _ in range(n)]
     was_training = net.training
     net.eval()  # running BN statistics: estimating importance must not change the model
@@ -227,19 +230,25 @@ def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torc
             for k in range(n):
                 loss = F.cross_entropy(out.logits[k], y)
                 dz = torch.autograd.grad(loss, out.preacts, retain_graph=k < n - 1, allow_unused=True)
+                per_group: dict[int, torch.Tensor] = {}
                 for i, (z, g, rows) in enumerate(zip(out.preacts, dz, out.rows)):
                     if g is None:
                         continue
                     dims = [d for d in range(z.dim()) if d != 1]
-                    grads[k][i][rows] += (g * z).detach().sum(dim=dims).abs()
+                    group = net.layer_group[i]
+                    score = torch.zeros(len(grads[k][group]), dtype=z.dtype, device=z.device)
+                    score[rows] = (g * z).detach().sum(dim=dims)
+                    per_group[group] = per_group[group] + score if group in per_group else score
+                for group, score in per_group.items():
+                    grads[k][group] += score.abs()
     finally:
         net.train(was_training)
     scores = []
-    for i in range(net.num_hidden):
-        tags = net.tags(i)
-        score = torch.zeros(len(tags), device=tags.device)
+    for group in range(net.num_groups):
+        tags = net.tags(group)
+        score = torch.zeros(len(tags), dtype=dtype, device=tags.device)
         for k in range(1, n + 1):
-            score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][i], torch.zeros((), device=tags.device))
+            score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][group], torch.zeros((), device=tags.device))
         if config.normalize_importance:
             live = score[tags <= n]
             score = score / live.mean().clamp(min=1e-12) if len(live) else score
@@ -248,54 +257,56 @@ def importance(net: TaggedSequential, batches: Sequence[tuple[torch.Tensor, torc
 
 
 # ---------------------------------------------------------------------------- moving neurons
-def _saving_estimates(net: TaggedSequential, layer: int, subnet: int) -> torch.Tensor:
-    """MACs subnet ``subnet`` saves if each neuron of ``layer`` left it (own row + its fan-out)."""
-    mask = net.weight_mask(layer)
-    in_ok = net.input_tags(layer) <= subnet
-    own = mask[:, in_ok].flatten(1).sum(1) * net.out_positions[layer]
-    nxt = layer + 1
-    nmask = net.weight_mask(nxt)
-    if nxt < net.num_hidden:
-        nmask = nmask[net.tags(nxt) <= subnet]
-        positions = net.out_positions[nxt]
-    else:
-        positions = 1
-    per_input = nmask.transpose(0, 1).flatten(1).sum(1)  # MACs per input feature of next layer
-    per_neuron = per_input.view(-1, net.in_repeat[nxt]).sum(1) * positions
-    return own + per_neuron
+def _saving_estimates(net: TaggedNet, group: int, subnet: int) -> torch.Tensor:
+    """MACs subnet ``subnet`` saves if each channel of ``group`` left it: its rows in every layer
+    that writes the group, plus its columns in every layer (or the classifier) that reads it."""
+    saving = torch.zeros(len(net.tags(group)), device=net.tags(group).device)
+    for i in net.group_layers(group):
+        in_ok = net.input_tags(i) <= subnet
+        saving += net.weight_mask(i)[:, in_ok].flatten(1).sum(1) * net.out_positions[i]
+    for i in net.group_readers(group):
+        mask = net.weight_mask(i)
+        if i < net.num_hidden:
+            mask = mask[net.layer_tags(i) <= subnet]
+            positions = net.out_positions[i]
+        else:
+            positions = 1
+        per_input = mask.transpose(0, 1).flatten(1).sum(1)  # MACs per input feature of the reader
+        saving += per_input.view(-1, net.in_repeat[i]).sum(1) * positions
+    return saving
 
 
-def move_neurons(net: TaggedSequential, scores: list[torch.Tensor], subnet: int, amount: float,
+def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
                  min_channels: int = 1) -> tuple[int, float]:
-    """Move the least important neurons of tag ``subnet`` to ``subnet + 1`` until the MACs they
-    take out of the subnet just exceed ``amount``. Returns (neurons moved, estimated MACs saved).
+    """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
+    take out of the subnet just exceed ``amount``. Returns (channels moved, estimated MACs saved).
 
-    A moved neuron loses its synapses into the smaller subnet and gains those to its new peers;
+    A moved channel loses its synapses into the smaller subnet and gains those to its new peers;
     both follow from the causal mask, and its pruned weights are revived (``set_tags``).
     """
     candidates = []
-    for i in range(net.num_hidden):
-        tags = net.tags(i)
+    for g in range(net.num_groups):
+        tags = net.tags(g)
         idx = torch.nonzero(tags == subnet).squeeze(1)
         if len(idx) == 0:
             continue
-        saving = _saving_estimates(net, i, subnet)
+        saving = _saving_estimates(net, g, subnet)
         for c in idx.tolist():
-            candidates.append((float(scores[i][c]), i, c, float(saving[c])))
+            candidates.append((float(scores[g][c]), g, c, float(saving[c])))
     candidates.sort()
-    kept = [int((net.tags(i) <= subnet).sum()) for i in range(net.num_hidden)]
+    kept = [int((net.tags(g) <= subnet).sum()) for g in range(net.num_groups)]
     moved: dict[int, list[int]] = {}
     saved = 0.0
-    for _, i, c, saving in candidates:
+    for _, g, c, saving in candidates:
         if saved >= amount:
             break
-        if kept[i] <= min_channels:
-            continue  # every subnet keeps min_channels neurons per layer: it must stay connected
-        moved.setdefault(i, []).append(c)
-        kept[i] -= 1
+        if kept[g] <= min_channels:
+            continue  # every subnet keeps min_channels channels per group: it must stay connected
+        moved.setdefault(g, []).append(c)
+        kept[g] -= 1
         saved += saving
-    for i, channels in moved.items():
-        net.set_tags(i, torch.tensor(channels), subnet + 1)
+    for g, channels in moved.items():
+        net.set_tags(g, torch.tensor(channels), subnet + 1)
     return sum(len(c) for c in moved.values()), saved
 
 
@@ -303,7 +314,7 @@ def move_neurons(net: TaggedSequential, scores: list[torch.Tensor], subnet: int,
 class SteppingNet(TaggedSubnets, nn.Module):
     """Nested subnets with incremental accuracy; subnet k+1 reuses all of subnet k's results."""
 
-    def __init__(self, net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
+    def __init__(self, net: TaggedNet, budgets: Sequence[float], reference_macs: int,
                  config: SteppingConfig | None = None, history: dict | None = None):
         super().__init__()
         self.net = net
@@ -426,7 +437,7 @@ class SteppingNet(TaggedSubnets, nn.Module):
         spec = meta["model"]
         model = models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
                               input_shape=tuple(spec["input_shape"]))
-        net = TaggedSequential(model, meta["num_subnets"], tuple(meta["input_shape"]))
+        net = TaggedNet(model, meta["num_subnets"], tuple(meta["input_shape"]))
         net.load_state_dict(tensors)
         net.eval()
         return cls(net, meta["budgets"], meta["reference_macs"], SteppingConfig(**meta["config"]), meta.get("history"))
@@ -481,7 +492,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         raise ValueError(f"model was built for inputs {input_shape} but the data has {train.input_shape}")
     reference = int(reference_macs) if reference_macs is not None else reference_macs_of(model)
     # A copy: the caller's model stays what it was (e.g. usable as the retraining teacher).
-    net = TaggedSequential(copy.deepcopy(model), len(budgets), input_shape)
+    net = TaggedNet(copy.deepcopy(model), len(budgets), input_shape)
     limits = [b * reference for b in budgets]
     optimizer = make_optimizer(net, cfg.lr, cfg)
     origin = {"reference_macs": reference, "data": _data_identity(train), "start": _fingerprint(net)}
@@ -568,7 +579,7 @@ def _data_identity(data: ImageSet) -> dict:
             "labels": ckpt.fingerprint({"labels": data.labels})}
 
 
-def _save_checkpoint(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
+def _save_checkpoint(path: str | Path, kind: str, net: TaggedNet, optimizer: torch.optim.Optimizer,
                      cfg: SteppingConfig, budgets: list[float], state: dict) -> None:
     """Atomic: net (weights, tags, pruning masks, BN), optimizer momentum, the loop's state, config."""
     opt_tensors, opt_skeleton = ckpt.pack_state(optimizer.state_dict(), "optimizer")
@@ -579,7 +590,7 @@ def _save_checkpoint(path: str | Path, kind: str, net: TaggedSequential, optimiz
     ckpt.save(path, {**tensors, **opt_tensors}, json.loads(json.dumps(meta, default=str)))
 
 
-def _restore(path: str | Path, kind: str, net: TaggedSequential, optimizer: torch.optim.Optimizer,
+def _restore(path: str | Path, kind: str, net: TaggedNet, optimizer: torch.optim.Optimizer,
              cfg: SteppingConfig, budgets: list[float], fields: Sequence[str], expected: dict) -> dict:
     """Load a ``kind`` checkpoint into ``net``/``optimizer`` and return the loop's state, after
     checking that every setting that shaped it (``fields``, model, budgets, ``expected``) is unchanged."""
@@ -603,7 +614,7 @@ def _restore(path: str | Path, kind: str, net: TaggedSequential, optimizer: torc
     return state
 
 
-def _move_round(net: TaggedSequential, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
+def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
     """One round of moves for every subnet over budget, with the cascade rule of Fig. 5."""
     scores = importance(net, batches, cfg)
     moved = []

@@ -697,3 +697,19 @@ def fold_sequential(model: nn.Sequential) -> nn.Sequential:
             out.append(copy.deepcopy(child))
         i += 1
     return nn.Sequential(*out).eval()
+
+
+@torch.no_grad()
+def fold_module(model: nn.Module, input_shape: Sequence[int] | None = None) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm after a Conv2d/Linear folded in (the one
+    BN fold, through the tagged core): a flat Sequential stays one; a residual network becomes an
+    ``fx.GraphModule``. A model the core cannot read is copied unfolded."""
+    if isinstance(model, nn.Sequential):
+        return fold_sequential(model)
+    shape = input_shape or (getattr(model, "dyninfer_config", None) or {}).get("input_shape")
+    if shape is None:
+        return copy.deepcopy(model).eval()
+    try:
+        return TaggedNet(copy.deepcopy(model), 1, tuple(shape)).dense(1, fold_bn=True)
+    except (ValueError, TypeError):
+        return copy.deepcopy(model).eval()

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
+from dyninfer.runtime.graph import CompactGraph
 
 CACHE_MODES = ("buffer", "cat")
 
@@ -369,24 +370,22 @@ class CompactNet(nn.Module):
         return torch.addmm(logits, new, w_t)
 
 
-def _folded(net: TaggedSequential, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(net: TaggedNet, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked weight and bias of hidden layer i with its BatchNorm (eval statistics) folded in."""
     layer, norm = net.layers[i], net.norms[i]
     weight = layer.weight * net.weight_mask(i)
     bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0])
-    if isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = norm.bias if norm.bias is not None else torch.zeros_like(scale)
-        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-        bias = (bias - norm.running_mean) * scale + shift
+    if isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm1d)) and norm.running_var is not None:
+        weight, bias = fold_batchnorm(weight, bias, norm)
     return weight, bias
 
 
 @torch.no_grad()
-def compact(net: TaggedSequential, *, channels_last: bool | None = None, cache: str = "cat") -> CompactNet:
+def compact(net: TaggedNet, *, channels_last: bool | None = None, cache: str = "cat") -> CompactNet | CompactGraph:
     """Permute channels by tag and store dense per-step and per-subnet weight blocks.
+
+    A plain stack gets the chain-specialised :class:`CompactNet`; a residual network the
+    :class:`~dyninfer.runtime.graph.CompactGraph` over its program of stages.
 
     Needs an incremental network (causal rule, shared BatchNorm); a ``full``-rule or
     switchable-BN network has no step blocks: export its subnets with ``net.dense(k)``.
@@ -395,6 +394,8 @@ def compact(net: TaggedSequential, *, channels_last: bool | None = None, cache: 
         raise ValueError(f"compaction into step blocks needs the causal rule with shared BatchNorm; this network "
                          f"has rule={getattr(net, 'rule', None)!r}, switchable_bn={getattr(net, 'switchable_bn', None)}"
                          f" (export its subnets with net.dense(k))")
+    if not net.chain:
+        return CompactGraph(net, channels_last=channels_last)
     n = net.num_subnets
     in_order = torch.arange(net.input_shape[0])
     in_bounds = [net.input_shape[0]] * (n + 1)  # inputs with tag <= s are in_order[:in_bounds[s]]
@@ -439,11 +440,11 @@ def compact(net: TaggedSequential, *, channels_last: bool | None = None, cache: 
 
 
 def as_compact(net) -> CompactNet:
-    """The inference form of a SteppingNet, TaggedSequential or CompactNet (cached by SteppingNet)."""
-    if isinstance(net, CompactNet):
+    """The inference form of a SteppingNet, TaggedNet, CompactNet or CompactGraph (cached by SteppingNet)."""
+    if isinstance(net, (CompactNet, CompactGraph)):
         return net
     if hasattr(net, "compact") and callable(net.compact):
         return net.compact()
-    if isinstance(net, TaggedSequential):
+    if isinstance(net, TaggedNet):
         return compact(net)
-    raise TypeError(f"expected a SteppingNet, TaggedSequential or CompactNet, got {type(net).__name__}")
+    raise TypeError(f"expected a SteppingNet, TaggedNet, CompactNet or CompactGraph, got {type(net).__name__}")

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from dyninfer.data import ImageSet
-from dyninfer.nn.tagged import TaggedSequential, fold_sequential
+from dyninfer.nn.tagged import TaggedNet, fold_module
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def prefix_counts(widths: Sequence[int], multiplier: float, lower: Sequence[int]
     return [min(w, max(lo, math.floor(multiplier * w + 0.5))) for w, lo in zip(widths, lower)]
 
 
-def match_prefix_counts(net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
+def match_prefix_counts(net: TaggedNet, budgets: Sequence[float], reference_macs: int,
                         max_multiplier: float = 1.0) -> tuple[list[list[int]], list[float]]:
     """Global width multipliers so subnet k's exact MACs (under ``net``'s rule) are the largest
     not above ``budgets[k-1] * reference_macs``; sets ``net``'s prefix tags to them.
@@ -235,7 +235,7 @@ def check_input(x: torch.Tensor, input_shape: Sequence[int]) -> None:
 
 
 @torch.no_grad()
-def recalibrate_bn(net: TaggedSequential, subnet: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+def recalibrate_bn(net: TaggedNet, subnet: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                    count: int) -> None:
     """Subnet ``subnet``'s switchable BN statistics as the exact average over ``count`` batches
     (US-Nets, once-for-all). Forward passes only: no optimizer step, no affine change."""
@@ -298,6 +298,6 @@ class SubnetList(nn.Module):
         finally:
             self.train(was_training)
 
-    def export(self, subnet: int) -> nn.Sequential:
+    def export(self, subnet: int) -> nn.Module:
         """Subnet k as a dense module with BatchNorm folded in."""
-        return fold_sequential(self.subnets[check_subnet(subnet, self.num_subnets) - 1])
+        return fold_module(self.subnets[check_subnet(subnet, self.num_subnets) - 1], self.input_shape)

@@ -21,7 +21,7 @@ from dyninfer.methods import stepping
 from dyninfer.methods.baselines._common import (
     BaselineConfig, StepLog, batch_stream, input_shape_of, match_prefix_counts, reference_of, run_steps,
 )
-from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.nn.tagged import TaggedNet
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class AnyWidthNet(stepping.SteppingNet):
 
 
 def build(model: nn.Sequential, budgets: Sequence[float], input_shape: Sequence[int],
-          reference_macs: int) -> tuple[TaggedSequential, list[list[int]], list[float]]:
+          reference_macs: int) -> tuple[TaggedNet, list[list[int]], list[float]]:
     """The causal tagged net of ``model`` with group widths matched to ``budgets``.
 
     The triangle drops the upper blocks, so the largest subnet reaches only about half of the
     model's MACs: give a width-expanded model for budgets near 1.
     """
     budgets = stepping.check_budgets(budgets)
-    net = TaggedSequential(model, len(budgets), input_shape)
+    net = TaggedNet(model, len(budgets), input_shape)
     counts, multipliers = match_prefix_counts(net, budgets, reference_macs)
     return net, counts, multipliers
 

@@ -21,7 +21,7 @@ from dyninfer.methods.baselines._common import (
     match_prefix_counts, reference_of, run_steps, sgd,
 )
 from dyninfer.methods.face import TaggedSubnets
-from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.nn.tagged import TaggedNet
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SlimmableConfig(BaselineConfig):
 class SlimmableNet(TaggedSubnets, nn.Module):
     """Nested-width subnets with the full rule and per-subnet BatchNorm (slimmable, US-Nets)."""
 
-    def __init__(self, net: TaggedSequential, budgets: Sequence[float], reference_macs: int,
+    def __init__(self, net: TaggedNet, budgets: Sequence[float], reference_macs: int,
                  multipliers: Sequence[float], history: dict | None = None):
         super().__init__()
         if net.rule != "full":
@@ -63,12 +63,12 @@ class SlimmableNet(TaggedSubnets, nn.Module):
 
 
 def build(model: nn.Sequential, budgets: Sequence[float], input_shape: Sequence[int], reference_macs: int,
-          switchable_bn: bool = True) -> tuple[TaggedSequential, list[list[int]], list[float]]:
+          switchable_bn: bool = True) -> tuple[TaggedNet, list[list[int]], list[float]]:
     """The full-rule tagged net of ``model`` with widths matched to ``budgets``."""
     from dyninfer.methods.stepping import check_budgets
 
     budgets = check_budgets(budgets)
-    net = TaggedSequential(model, len(budgets), input_shape, rule="full", switchable_bn=switchable_bn)
+    net = TaggedNet(model, len(budgets), input_shape, rule="full", switchable_bn=switchable_bn)
     counts, multipliers = match_prefix_counts(net, budgets, reference_macs)
     return net, counts, multipliers
 

@@ -25,7 +25,7 @@ from dyninfer.methods.baselines._common import (
     reference_of, run_steps, sgd,
 )
 from dyninfer.methods.baselines.slimmable import SlimmableNet, build
-from dyninfer.nn.tagged import TaggedSequential
+from dyninfer.nn.tagged import TaggedNet
 from dyninfer.train import kd_loss
 
 
@@ -71,7 +71,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     if multipliers[-1] > high + 1e-9:
         raise ValueError(f"the largest budget needs width {multipliers[-1]:.3f} > max_multiplier {high}")
 
-    sampler = TaggedSequential(model, 2 + cfg.num_random, shape, rule="full")  # shared BN
+    sampler = TaggedNet(model, 2 + cfg.num_random, shape, rule="full")  # shared BN
     widths = sampler.widths()
     n = sampler.num_subnets
     generator = torch.Generator().manual_seed(cfg.seed + 7)

@@ -1,0 +1,218 @@
+"""Compaction of a causal tagged network that is not a plain stack (residual blocks).
+
+The same idea as :class:`~dyninfer.runtime.compaction.CompactNet`, over the program of stages:
+every tag group's channels are sorted by tag, every layer's weights permuted to match (rows by
+its group, columns by the group it reads), BatchNorm folded, and for every step s the dense block
+computing the new rows of tag s from all inputs with tag <= s stored once.
+
+A step runs the program once over *new channels only*: a layer applies its step block to the
+cached prefix of its input (old channels plus the ones this step just made); post ops, flattens
+and residual adds are per channel, so they see only the new channels; the classifier adds the new
+features' partial sum to the kept logits. Nothing computed earlier is recomputed, the shortcut's
+cached activations included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
+
+
+class CompactGraph(nn.Module):
+    """Inference form of a causal residual tagged network: ``forward(x, subnet)`` from scratch
+    (dense prefix blocks) and ``start(x)`` for incremental sessions."""
+
+    def __init__(self, net: TaggedNet, *, channels_last: bool | None = None):
+        super().__init__()
+        if not net.incremental:
+            raise ValueError(f"compaction into step blocks needs the causal rule with shared BatchNorm; this network "
+                             f"has rule={net.rule!r}, switchable_bn={net.switchable_bn} (export its subnets with "
+                             f"net.dense(k))")
+        self.num_subnets = n = net.num_subnets
+        self.input_shape = tuple(net.input_shape)
+        self.program = list(net.program)
+        self.node_repeat = list(net.node_repeat)
+        self._macs = net.macs_per_subnet()
+        has_conv = any(isinstance(layer, nn.Conv2d) for layer in net.layers)
+        self.channels_last = has_conv if channels_last is None else bool(channels_last and has_conv)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        orders, bounds = [], []  # per tag group: channel order (by tag) and rows with tag <= s
+        for g in range(net.num_groups):
+            tags = net.tags(g)
+            if not bool((tags == 1).any()):
+                raise ValueError(f"subnet 1 must keep at least one channel of every tag group; group {g} "
+                                 f"(layers {net.group_layers(g)}) has none")
+            orders.append(torch.cat([torch.nonzero(tags == s).squeeze(1) for s in range(1, n + 1)]))
+            bounds.append([int((tags <= s).sum()) for s in range(n + 1)])
+        self.group_bounds = bounds
+
+        def features(layer: int) -> tuple[torch.Tensor, list[int]]:  # input order and bounds per step of a layer
+            source, repeat = net.layer_source[layer], net.in_repeat[layer]
+            if source < 0:
+                c = net.input_shape[0]
+                return torch.arange(c), [0] + [c] * n
+            order = (orders[source].unsqueeze(1) * repeat + torch.arange(repeat)).reshape(-1)
+            return order, [b * repeat for b in bounds[source]]
+
+        self.layer_kind, self.conv_args = [], []
+        self.step_w, self.step_b, self.prefix_w, self.prefix_b = [], [], [], []
+        density_num = density_den = 0
+        with torch.no_grad():
+            for i, layer in enumerate(net.layers):
+                g = net.layer_group[i]
+                weight = layer.weight * net.weight_mask(i)
+                bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0])
+                norm = net.norms[i]
+                if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)) and norm.running_var is not None:
+                    weight, bias = fold_batchnorm(weight, bias, norm)
+                in_order, in_bounds = features(i)
+                weight = weight[orders[g]][:, in_order]
+                bias = bias[orders[g]]
+                rb = bounds[g]
+                conv = isinstance(layer, nn.Conv2d)
+                self.layer_kind.append("conv" if conv else "linear")
+                self.conv_args.append((tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)) if conv else ())
+
+                def prep(w: torch.Tensor) -> torch.Tensor:
+                    return torch.empty_like(w, memory_format=fmt).copy_(w) if w.dim() == 4 else w.contiguous()
+
+                self.step_w.append([prep(weight[rb[s - 1]:rb[s], :in_bounds[s]]) for s in range(1, n + 1)])
+                self.step_b.append([bias[rb[s - 1]:rb[s]].contiguous() for s in range(1, n + 1)])
+                self.prefix_w.append([prep(weight[:rb[s], :in_bounds[s]]) for s in range(1, n + 1)])
+                self.prefix_b.append([bias[:rb[s]].contiguous() for s in range(1, n + 1)])
+                for block in self.step_w[-1]:
+                    density_num += int((block != 0).sum())
+                    density_den += block.numel()
+            in_order, in_bounds = features(net.num_hidden)
+            cls = (net.classifier.weight * net.weight_mask(net.num_hidden))[:, in_order]
+            self.cls_steps_t = [cls[:, in_bounds[s - 1]:in_bounds[s]].t().contiguous() for s in range(1, n + 1)]
+            self.cls_prefix = [cls[:, :in_bounds[s]].contiguous() for s in range(1, n + 1)]
+            self.cls_bias = net.classifier.bias.detach().clone() if net.classifier.bias is not None else None
+        self.maps = [m for m in net.maps]
+        self._density = density_num / max(density_den, 1)
+        # nodes whose outputs a later layer reads in full: the only ones a session caches
+        self._cached = sorted({node.args[0] for node in self.program if node.op == "layer"})
+        self.eval()
+
+    # ------------------------------------------------------------------ the common runtime face
+    def macs(self) -> list[int]:
+        """Exact MACs of each subnet along the incremental path (live weights x output positions)."""
+        return list(self._macs)
+
+    def step_macs(self) -> list[int]:
+        m = self._macs
+        return [m[0]] + [b - a for a, b in zip(m, m[1:])]
+
+    def block_density(self) -> list[float]:
+        return [self._density]
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.input_shape, self.num_subnets, self.channels_last, self.program)).encode())
+        for ws in self.prefix_w:
+            h.update(ws[-1].detach().contiguous().numpy().tobytes())
+        h.update(self.cls_prefix[-1].detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _check_subnet(self, subnet) -> int:
+        k = self.num_subnets if subnet is None else subnet
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_subnets:
+            raise ValueError(f"subnet must be an int in 1..{self.num_subnets}, got {subnet!r}")
+        return k
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected input of shape (batch, {', '.join(map(str, self.input_shape))}), got {got}")
+
+    def _layer(self, i: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.layer_kind[i] == "conv":
+            stride, padding, dilation = self.conv_args[i]
+            return F.conv2d(x, weight, bias, stride, padding, dilation)
+        return F.linear(x, weight, bias)
+
+    def _map(self, node, x: torch.Tensor) -> torch.Tensor:
+        module = self.maps[node.index]
+        if node.op == "flatten":
+            return x.flatten(1)
+        if isinstance(module, (nn.Dropout, nn.Identity)):
+            return x
+        if isinstance(module, nn.ReLU):
+            return torch.relu(x)
+        return module(x)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
+        """Subnet k from scratch with dense prefix blocks (one op per stage)."""
+        k = self._check_subnet(subnet)
+        self._check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        vals: list[torch.Tensor] = []
+        for node in self.program:
+            if node.op == "input":
+                vals.append(x)
+            elif node.op == "layer":
+                vals.append(self._layer(node.index, vals[node.args[0]], self.prefix_w[node.index][k - 1],
+                                        self.prefix_b[node.index][k - 1]))
+            elif node.op == "add":
+                vals.append(vals[node.args[0]] + vals[node.args[1]])
+            elif node.op == "classifier":
+                return F.linear(vals[node.args[0]], self.cls_prefix[k - 1], self.cls_bias)
+            else:
+                vals.append(self._map(node, vals[node.args[0]]))
+        raise AssertionError("a program ends with its classifier")
+
+    def start(self, x: torch.Tensor, subnet: int = 1):
+        """Incremental session at ``subnet`` (see :class:`dyninfer.runtime.session.Session`)."""
+        from dyninfer.runtime.session import Session
+
+        return Session(self, x, subnet)
+
+    # ------------------------------------------------------------------ incremental steps
+    def _new_state(self, x: torch.Tensor) -> dict:
+        """Per-session cache: the input and, per node that a layer reads, the channels so far."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return {"input": x, "cache": {}}
+
+    @torch.no_grad()
+    def _step(self, state: dict, s: int, logits: torch.Tensor | None) -> torch.Tensor:
+        """Step ``s`` (0-based: subnet s+1's new channels), computing only new channels; new logits."""
+        cache = state["cache"]
+        new: list[torch.Tensor | None] = []
+        for j, node in enumerate(self.program):
+            if node.op == "input":
+                value = state["input"] if s == 0 else None  # the image is tag 1: all of it at step 0
+            elif node.op == "layer":
+                i, src = node.index, node.args[0]
+                weight = self.step_w[i][s]
+                inp = cache.get(src)
+                value = None if weight.shape[0] == 0 or inp is None else self._layer(i, inp, weight, self.step_b[i][s])
+            elif node.op == "add":
+                a, b = (new[k] for k in node.args)
+                value = None if a is None else a + b
+            elif node.op == "classifier":
+                features = new[node.args[0]]
+                if features is None:  # no new features: subnet s+1 answers like subnet s
+                    if logits is not None:
+                        return logits
+                    base = self.cls_bias if self.cls_bias is not None else torch.zeros(())
+                    return base.expand(state["input"].shape[0], self.cls_prefix[0].shape[0]).clone()
+                if logits is None:
+                    if self.cls_bias is None:
+                        return torch.mm(features, self.cls_steps_t[s])
+                    return torch.addmm(self.cls_bias, features, self.cls_steps_t[s])
+                return torch.addmm(logits, features, self.cls_steps_t[s])
+            else:
+                value = None if new[node.args[0]] is None else self._map(node, new[node.args[0]])
+            new.append(value)
+            if value is not None and j in self._cached:
+                cache[j] = value if j not in cache else torch.cat([cache[j], value], dim=1)
+        raise AssertionError("a program ends with its classifier")
