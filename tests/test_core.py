@@ -1,0 +1,237 @@
+"""The tagged core over programs of stages: the zoo and a user's own model convert with torch.fx,
+residual adds tie tag groups, and on residual networks stepping equals computing from scratch,
+exports equal the library, and reported MACs equal what torch's counter sees executed."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import dyninfer as dy
+from helpers import random_tags
+from dyninfer.nn.tagged import TaggedNet, TaggedSequential, fold_module
+from dyninfer.runtime.compaction import compact
+
+SHAPE = (3, 16, 16)
+
+
+def zoo_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    expansion = 0.25 if name in ("resnet-18", "resnet-50", "vgg-16") else 0.5
+    return dy.models.create(name, num_classes=10, expansion=expansion, input_shape=SHAPE)
+
+
+def warm(net: TaggedNet, seed: int = 0) -> None:
+    """BatchNorm statistics that are not the identity, so folding is exercised."""
+    net.train()
+    with torch.no_grad():
+        for k in range(1, net.num_subnets + 1):
+            net(torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(seed + k)), subnet=k)
+    net.eval()
+
+
+def executed_macs(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("name", dy.models.list_models())
+def test_every_zoo_model_converts_and_computes_the_model(name):
+    model = zoo_model(name).eval()
+    net = TaggedNet(model, 1, SHAPE).eval()
+    x = torch.randn(3, *SHAPE)
+    torch.testing.assert_close(net(x), model(x), atol=1e-5, rtol=1e-5)
+    assert net.subnet_macs() == dy.cost.macs(model, SHAPE) == dy.cost.flop_counter_macs(model, SHAPE)
+
+
+def test_residual_adds_tie_the_groups_they_join():
+    net = TaggedNet(zoo_model("resnet-20"), 2, SHAPE)
+    model = zoo_model("resnet-20")
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    group = dict(zip(names, net.layer_group))
+    # stage 1: the stem and every block's second conv write one residual stream (identity shortcuts)
+    assert {group["stem.0"], group["stages.0.0.conv2"], group["stages.0.1.conv2"], group["stages.0.2.conv2"]} \
+        == {group["stem.0"]}
+    # stage 2 starts with a projection shortcut: it writes the new stream with the stage's conv2s
+    assert group["stages.1.0.shortcut.0"] == group["stages.1.0.conv2"] == group["stages.1.2.conv2"]
+    assert group["stages.1.0.shortcut.0"] != group["stem.0"]
+    # a block's first conv has a group of its own
+    assert len({group[f"stages.0.{b}.conv1"] for b in range(3)} | {group["stem.0"]}) == 4
+    assert net.num_groups == 3 + 9  # 3 residual streams + 9 inner convs; the classifier is not tagged
+
+
+class UserNet(nn.Module):
+    """A hand-written model: functional ReLU, a residual add, torch.flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = x + torch.relu(self.inner(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def test_a_users_own_model_converts_and_steps():
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    net = TaggedNet(model, 3, SHAPE)
+    assert net.num_groups == 1  # conv and inner are tied by the add
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(TaggedNet(model, 1, SHAPE).eval()(x), model(x), atol=1e-5, rtol=1e-5)
+    random_tags(net, 3)
+    warm(net)
+    run = compact(net).start(x)
+    for k in range(1, 4):
+        torch.testing.assert_close(run.logits, net(x, subnet=k), atol=1e-5, rtol=1e-5)
+        if run.can_step():
+            run.step()
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 14 * 14, 2)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(8 * 16 * 16, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.a(x), self.b(x)], 1).flatten(1))
+
+
+@pytest.mark.parametrize("model, op", [(Gated(), "sigmoid"), (Concat(), "cat")])
+def test_unsupported_ops_name_the_op_and_node(model, op):
+    with pytest.raises(ValueError, match=rf"{op}.*fx node '{op}'.*supported: Conv2d"):
+        TaggedNet(model, 2, SHAPE)
+
+
+def test_tagged_sequential_still_demands_a_sequential():
+    with pytest.raises(TypeError, match="TaggedNet"):
+        TaggedSequential(UserNet(), 2, SHAPE)
+
+
+RESNETS = ["resnet-20", "resnet-50"]
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_causal_residual_subnet_ignores_larger_channels(name):
+    """Perturbing every weight that writes a channel with tag > k leaves subnet k's logits as they were."""
+    net = TaggedNet(zoo_model(name), 3, SHAPE)
+    random_tags(net, 11)
+    warm(net)
+    x = torch.randn(2, *SHAPE)
+    before = [net(x, subnet=k) for k in (1, 2, 3)]
+    with torch.no_grad():
+        for i, layer in enumerate(net.layers):
+            big = net.layer_tags(i) > 1
+            layer.weight[big] += torch.randn_like(layer.weight[big])
+        net.classifier.weight[:, net.input_tags(net.num_hidden) > 1] += 1.0
+    torch.testing.assert_close(net(x, subnet=1), before[0], atol=1e-5, rtol=1e-5)
+    assert (net(x, subnet=3) - before[2]).abs().max() > 1e-3
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), num_subnets=st.integers(1, 4), batch=st.integers(1, 3))
+def test_resnet_steps_equal_scratch_for_random_tags(seed, num_subnets, batch):
+    net = TaggedNet(zoo_model("resnet-20", seed % 5), num_subnets, SHAPE)
+    random_tags(net, seed)
+    warm(net, seed)
+    x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    cnet = compact(net)
+    run = cnet.start(x)
+    joint = net.forward_all(x).logits
+    for k in range(1, num_subnets + 1):
+        scratch = net(x, subnet=k)
+        assert scratch.abs().max() > 1e-3  # a real answer, not zeros equal to zeros
+        torch.testing.assert_close(run.logits, scratch, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(joint[k - 1], scratch, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cnet(x, subnet=k), scratch, atol=1e-5, rtol=1e-4)
+        if run.can_step():
+            run.step()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("name", RESNETS)
+@pytest.mark.parametrize("rule", ["causal", "full"])
+def test_dense_export_of_a_residual_subnet_is_plain_torch_and_equal(name, rule):
+    net = TaggedNet(zoo_model(name), 3, SHAPE, rule=rule, switchable_bn=rule == "full")
+    random_tags(net, 5)
+    warm(net)
+    x = torch.randn(2, *SHAPE)
+    for k in (1, 2, 3):
+        dense = net.dense(k)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in dense.modules())  # folded
+        torch.testing.assert_close(dense(x), net(x, subnet=k), atol=1e-5, rtol=1e-4)
+        scripted = torch.jit.script(dense)
+        torch.testing.assert_close(scripted(x), net(x, subnet=k), atol=1e-5, rtol=1e-4)
+    if rule == "full":  # every executed MAC is a reported MAC (no masked blocks under the full rule)
+        assert [executed_macs(lambda k=k: net.dense(k)(x[:1])) for k in (1, 2, 3)] == net.macs_per_subnet()
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_incremental_path_executes_exactly_the_reported_macs(name):
+    """Under FlopCounterMode each step of a session runs its reported increment, no more."""
+    net = TaggedNet(zoo_model(name), 3, SHAPE)
+    random_tags(net, 2)
+    warm(net)
+    cnet = compact(net)
+    x = torch.randn(1, *SHAPE)
+    state = {}
+    executed = [executed_macs(lambda: state.setdefault("run", cnet.start(x)))]
+    for _ in range(2):
+        executed.append(executed_macs(lambda: state["run"].step()))
+    assert executed == cnet.step_macs()
+    assert sum(executed) == net.subnet_macs(subnet=3)
+
+
+def test_counts_and_prefix_tags_are_per_tag_group():
+    net = TaggedNet(zoo_model("resnet-20"), 2, SHAPE)
+    widths = net.widths()
+    assert len(widths) == net.num_groups
+    net.set_prefix_tags([[max(1, w // 2) for w in widths], widths])
+    assert [sum(c[:1]) for c in net.counts()] == [max(1, w // 2) for w in widths]
+    with pytest.raises(ValueError, match=f"{net.num_groups} channel counts"):
+        net.set_prefix_tags([[1], [1]])
+
+
+def test_fold_module_folds_residual_batchnorm():
+    model = zoo_model("resnet-20").eval()
+    TaggedNet(model, 1, SHAPE).train()(torch.randn(8, *SHAPE))  # non-trivial running statistics
+    model.eval()
+    folded = fold_module(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_bn_momentum_none_is_a_cumulative_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 14 * 14, 2))
+    net = TaggedSequential(model, 1, SHAPE).train()
+    xs = [torch.randn(4, *SHAPE) * (i + 1) for i in range(3)]
+    for x in xs:
+        net(x)
+    bn = net.norms[0]
+    assert int(bn.num_batches_tracked) == 3
+    means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x in xs]).detach()
+    torch.testing.assert_close(bn.running_mean, means.mean(0), atol=1e-5, rtol=1e-5)
