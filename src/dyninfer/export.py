@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dyninfer.nn.tagged import TaggedNet
+
 
 def _compact_of(net):
     from dyninfer.runtime.compaction import as_compact
@@ -42,7 +44,12 @@ def _check_k(cnet, k) -> int:
 
 @torch.no_grad()
 def subnet(net, k: int) -> nn.Sequential:
-    """Subnet ``k`` (1-based) of an incremental network as a dense ``nn.Sequential`` (NCHW)."""
+    """Subnet ``k`` (1-based) of an incremental network as a dense module (NCHW): an
+    ``nn.Sequential`` for a plain stack, an ``fx.GraphModule`` for a residual network."""
+    tagged = getattr(net, "net", net)
+    if isinstance(tagged, TaggedNet) and not tagged.chain:
+        _check_k(tagged, k)
+        return tagged.dense(k)
     cnet = _compact_of(net)
     _check_k(cnet, k)
     modules: list[nn.Module] = []
