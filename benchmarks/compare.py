@@ -9,6 +9,7 @@ and prints the exact command and the machine. Presets (a flag given explicitly w
     python benchmarks/compare.py --preset cifar10     # lenet-5 on CIFAR-10, ~20 min on 2 cores
     python benchmarks/compare.py --preset fashion-3c1l  # lenet-3c1l on Fashion-MNIST, ~50 min
     python benchmarks/compare.py --preset cifar10-3c1l  # lenet-3c1l on CIFAR-10, ~60 min
+    python benchmarks/compare.py --preset cifar10-resnet20 --methods stepping,slimmable,anywidth
 
 The step counts of the ~20 minute presets were sized from per-step timings at 1 thread on a
 2-core CPU shared with other work (all eight methods together: ~0.7 s per step on
@@ -42,6 +43,9 @@ PRESETS = {
                          latency_batch=128, latency_repeats=9, threads=1),
     "cifar10-3c1l": dict(model="lenet-3c1l", data="cifar10", steps=500, batch_size=128, lr=0.005,
                          latency_batch=128, latency_repeats=9, threads=1),
+    # ResNet-20 on the tagged core: run with --methods stepping,slimmable,anywidth (early exit needs a flat stack)
+    "cifar10-resnet20": dict(model="resnet-20", data="cifar10", steps=300, batch_size=128, lr=0.02,
+                             latency_batch=128, latency_repeats=9, threads=2),
 }
 ALL = "stepping,slimmable,us,anywidth,earlyexit,individual,slice,slice-ft"
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dyninfer import compare, data
+from dyninfer.methods import stepping
 from dyninfer.compare_commands import add_commands
 
 SHAPE = (1, 8, 8)
@@ -91,7 +92,7 @@ def test_matched_picks_the_largest_subnet_within_budget():
 
 
 def test_step_view_yields_exactly_the_requested_full_batches(split):
-    view = compare._StepView(split[0], 7, 16, seed=3)
+    view = stepping._StepView(split[0], 7, 16, seed=3)
     batches = list(view.batches(16, shuffle=True, augment=True))
     assert len(view) == 7 * 16 and len(batches) == 7 and all(x.shape[0] == 16 for x, _ in batches)
 

@@ -28,212 +28,16 @@ import torch
 import torch.nn as nn
 
 from dyninfer.data import ImageSet
-from dyninfer.methods.baselines._common import StepLog, batch_stream, loss_step, run_steps, sgd
+from dyninfer.methods import baselines, stepping  # noqa: F401  (importing a method module registers it)
+from dyninfer.methods.registry import Setup, get_method, list_methods
 
 log = logging.getLogger(__name__)
 
-METHODS = ("stepping", "slimmable", "us", "anywidth", "earlyexit", "individual", "slice", "slice-ft")
+METHODS = tuple(list_methods())  # every registered method (methods register when their module is imported)
+BUILDERS: dict[str, Callable[[Setup], Any]] = {name: get_method(name).build for name in METHODS}
+DESCRIPTIONS = {name: get_method(name).description for name in METHODS}
 DEFAULT_BUDGETS = (0.15, 0.30, 0.60, 0.85)
-# Width expansion of the causal methods' base network (SteppingNet paper, Sec. IV); any-width
-# needs it too, since its triangle reaches only ~half the MACs of the network it starts from.
-_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}
 MATCH_TOLERANCE = 0.01  # a subnet counts for budget b when its MAC fraction is <= b * (1 + this)
-
-
-@dataclass
-class Setup:
-    """What every method builder gets: the same model, data, budget and seed."""
-
-    model_name: str
-    train: ImageSet
-    budgets: list[float]
-    steps: int
-    batch_size: int
-    seed: int
-    lr: float
-    reference_macs: int
-    progress: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    previous: dict[str, list[float]] = field(default_factory=dict)  # MAC fractions of methods run so far
-
-    def create(self, expansion: float) -> nn.Module:
-        from dyninfer import models
-
-        torch.manual_seed(self.seed)
-        return models.create(self.model_name, num_classes=self.train.num_classes, expansion=expansion,
-                             input_shape=self.train.input_shape)
-
-    def config(self, cls, **defaults):
-        """``cls`` (a baseline config) with the shared budget and the method's options."""
-        options = {k: v for k, v in self.options.items() if k not in ("expansion", "at")}
-        kwargs = {**defaults, **options, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                  "seed": self.seed, "progress": self.progress}
-        try:
-            return cls(**kwargs)
-        except TypeError as err:
-            raise ValueError(f"bad option for {cls.__name__}: {err}") from None
-
-
-# ---------------------------------------------------------------------------- SteppingNet
-class _StepView(ImageSet):
-    """A training set seen as one epoch of exactly ``steps`` full batches from the shared stream,
-    so :meth:`SteppingNet.retrain` (which counts in epochs) spends an exact number of steps."""
-
-    def __init__(self, base: ImageSet, steps: int, batch_size: int, seed: int):
-        super().__init__(base.images, base.labels, base.num_classes, base.name, base.mean, base.std,
-                         base.augmentation)
-        self._base, self._steps, self._batch_size, self._seed = base, steps, batch_size, seed
-
-    def __len__(self) -> int:
-        return self._steps * self._batch_size
-
-    def batches(self, batch_size: int, **_: Any):
-        if batch_size != self._batch_size:
-            raise ValueError(f"this view yields batches of {self._batch_size}, asked for {batch_size}")
-        stream = batch_stream(self._base, batch_size, self._seed)
-        for _ in range(self._steps):
-            yield next(stream)
-
-
-def _build_stepping(s: Setup):
-    """SteppingNet: construct + retrain with a SteppingConfig scaled to the budget.
-
-    Options: ``expansion`` (default: the paper's per model), ``construct_fraction`` (0.6 of the
-    steps plan construction; what it leaves when it meets the budgets early goes to retraining),
-    ``iterations`` (N_t; default: 4 batches per iteration, at most 300), ``teacher_fraction`` (0: retrain with
-    plain CE; > 0: that share of the budget first trains the original network as the Eq. 4
-    teacher; its steps count).
-    """
-    from dyninfer.methods import stepping
-
-    opts = dict(s.options)
-    expansion = float(opts.pop("expansion", _EXPANSION.get(s.model_name, 2.0)))
-    construct_fraction = float(opts.pop("construct_fraction", 0.6))
-    teacher_fraction = float(opts.pop("teacher_fraction", 0.0))
-    iterations = opts.pop("iterations", None)
-    if opts:
-        raise ValueError(f"unknown stepping options {sorted(opts)}; accepted: expansion, construct_fraction, "
-                         f"iterations, teacher_fraction")
-    if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
-        raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
-                         f"got {construct_fraction}, {teacher_fraction}")
-    steplog = StepLog()
-    teacher = None
-    teacher_steps = round(s.steps * teacher_fraction)
-    if teacher_steps:
-        from dyninfer.methods.baselines._common import BaselineConfig
-        import torch.nn.functional as F
-
-        teacher = s.create(1.0).train()
-        cfg = BaselineConfig(steps=teacher_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
-        optimizer = sgd(teacher.parameters(), cfg)
-        run_steps(loss_step(lambda x, y: F.cross_entropy(teacher(x), y), optimizer), optimizer,
-                  batch_stream(s.train, s.batch_size, s.seed), teacher_steps, steplog, "teacher", s.progress)
-        teacher.eval()
-    remaining = s.steps - teacher_steps
-    planned = max(1, min(remaining, round(remaining * construct_fraction)))
-    iterations = int(iterations) if iterations is not None else min(300, max(1, planned // 4))
-    iterations = max(1, min(iterations, planned))
-    per_iteration = planned // iterations
-    config = stepping.SteppingConfig(iterations=iterations, batches_per_iteration=per_iteration,
-                                     batch_size=s.batch_size, lr=s.lr, retrain_lr=s.lr, retrain_epochs=1,
-                                     distillation=teacher is not None, seed=s.seed, progress=s.progress)
-    model = s.create(expansion)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        net = stepping.construct(model, s.train, s.budgets, config, reference_macs=s.reference_macs)
-    construct_steps = len(net.history["iterations"]) * per_iteration
-    steplog.add(construct_steps, s.batch_size, "construct")
-    retrain_steps = remaining - construct_steps
-    if retrain_steps > 0:
-        net.retrain(_StepView(s.train, retrain_steps, s.batch_size, s.seed + 1), teacher=teacher)
-        steplog.add(retrain_steps, s.batch_size, "retrain")
-    net.history.update({"method": "stepping", "expansion": expansion, "batch_size": s.batch_size,
-                        "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
-                                                                               "lr", "distillation")},
-                        "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
-    return net
-
-
-# ---------------------------------------------------------------------------- baselines
-def _build_slimmable(s: Setup):
-    from dyninfer.methods.baselines import slimmable
-
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return slimmable.train(model, s.train, s.budgets, s.config(slimmable.SlimmableConfig),
-                           reference_macs=s.reference_macs)
-
-
-def _build_us(s: Setup):
-    """US-Nets at the budgets, or with option ``at`` (a method run earlier) at that method's exact
-    MAC fractions: any width can be deployed after training."""
-    from dyninfer.methods.baselines import universal
-    from dyninfer.methods.stepping import check_budgets
-
-    budgets = s.budgets
-    if "at" in s.options:
-        if s.options["at"] not in s.previous:
-            raise ValueError(f"us option at={s.options['at']!r} must name a method compared before us; "
-                             f"so far: {sorted(s.previous)}")
-        budgets = check_budgets([min(1.0, f) for f in s.previous[s.options["at"]]])
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return universal.train(model, s.train, budgets, s.config(universal.USConfig), reference_macs=s.reference_macs)
-
-
-def _build_anywidth(s: Setup):
-    from dyninfer.methods.baselines import anywidth
-
-    model = s.create(float(s.options.get("expansion", _EXPANSION.get(s.model_name, 2.0))))
-    return anywidth.train(model, s.train, s.budgets, s.config(anywidth.AnyWidthConfig),
-                          reference_macs=s.reference_macs)
-
-
-def _build_earlyexit(s: Setup):
-    from dyninfer.methods.baselines import earlyexit
-
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return earlyexit.train(model, s.train, s.config(earlyexit.EarlyExitConfig), reference_macs=s.reference_macs)
-
-
-def _build_individual(s: Setup):
-    from dyninfer.methods.baselines import individual
-
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return individual.train_individual(model, s.train, s.budgets, s.config(individual.IndividualConfig),
-                                       reference_macs=s.reference_macs)
-
-
-def _build_slice(s: Setup):
-    from dyninfer.methods.baselines import individual
-
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return individual.train_sliced(model, s.train, s.budgets, s.config(individual.SliceConfig, finetune_fraction=0.0),
-                                   reference_macs=s.reference_macs)
-
-
-def _build_slice_ft(s: Setup):
-    from dyninfer.methods.baselines import individual
-
-    model = s.create(float(s.options.get("expansion", 1.0)))
-    return individual.train_sliced(model, s.train, s.budgets, s.config(individual.SliceConfig, finetune_fraction=0.2),
-                                   reference_macs=s.reference_macs)
-
-
-BUILDERS: dict[str, Callable[[Setup], Any]] = {
-    "stepping": _build_stepping, "slimmable": _build_slimmable, "us": _build_us, "anywidth": _build_anywidth,
-    "earlyexit": _build_earlyexit, "individual": _build_individual, "slice": _build_slice,
-    "slice-ft": _build_slice_ft,
-}
-DESCRIPTIONS = {
-    "stepping": "SteppingNet (construct + retrain, causal, learned tags)",
-    "slimmable": "slimmable (full rule, switchable BN, summed losses)",
-    "us": "universally slimmable (sandwich rule, in-place KD, BN recalibrated)",
-    "anywidth": "any-width (causal rule, regular groups, joint losses)",
-    "earlyexit": "early exit (heads after each stage)",
-    "individual": "individually trained narrow copies (budget split)",
-    "slice": "brute-force slicing of one full model",
-    "slice-ft": "slicing + classifier fine-tuning (20 % of steps)",
-}
 
 
 class _StepCounter:
@@ -374,9 +178,10 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     if len(train) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training samples")
     original = models.create(model_name, num_classes=train.num_classes, expansion=1.0, input_shape=train.input_shape)
-    if not isinstance(original, nn.Sequential) and "earlyexit" in methods:
-        raise ValueError(f"earlyexit needs a flat nn.Sequential zoo model (lenet-5, lenet-3c1l, vgg-16); "
-                         f"{model_name} is a {type(original).__name__}: compare it without earlyexit")
+    flat_only = [m for m in methods if m in METHODS and get_method(m).flat_only]
+    if not isinstance(original, nn.Sequential) and flat_only:
+        raise ValueError(f"{', '.join(flat_only)} need(s) a flat nn.Sequential zoo model (lenet-5, lenet-3c1l, "
+                         f"vgg-16); {model_name} is a {type(original).__name__}: compare it without them")
     reference = cost.macs(original, train.input_shape)
 
     results: dict[str, dict] = {}

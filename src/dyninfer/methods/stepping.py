@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets
+from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
+from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
+from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet
 
 SCHEDULES = ("joint", "sequential")
@@ -448,17 +451,7 @@ def _state_key(net: nn.Module) -> tuple:
 
 
 # ---------------------------------------------------------------------------- construction
-def reference_macs_of(model: nn.Module) -> int:
-    """MACs of the original network: the same zoo model at expansion 1.0."""
-    from dyninfer import cost, models
-
-    spec = getattr(model, "dyninfer_config", None)
-    if not spec:
-        raise ValueError("cannot tell the original network of a model without dyninfer_config; "
-                         "pass reference_macs= (MACs of the unexpanded network)")
-    original = models.create(spec["name"], num_classes=spec["num_classes"], expansion=1.0,
-                             input_shape=tuple(spec["input_shape"]))
-    return cost.macs(original, tuple(spec["input_shape"]))
+reference_macs_of = original_macs  # the name this module has exported since it landed
 
 
 # The config fields that shape each phase: a phase's checkpoint resumes only if they are unchanged
@@ -634,6 +627,83 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
 def _endless(data: ImageSet, batch_size: int, generator: torch.Generator):
     while True:
         yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=len(data) >= batch_size)
+
+
+# ---------------------------------------------------------------------------- in the comparison harness
+class _StepView(ImageSet):
+    """A training set seen as one epoch of exactly ``steps`` full batches from the shared stream,
+    so :meth:`SteppingNet.retrain` (which counts in epochs) spends an exact number of steps."""
+
+    def __init__(self, base: ImageSet, steps: int, batch_size: int, seed: int):
+        super().__init__(base.images, base.labels, base.num_classes, base.name, base.mean, base.std,
+                         base.augmentation)
+        self._base, self._steps, self._batch_size, self._seed = base, steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self._steps * self._batch_size
+
+    def batches(self, batch_size: int, **_: Any):
+        if batch_size != self._batch_size:
+            raise ValueError(f"this view yields batches of {self._batch_size}, asked for {batch_size}")
+        stream = batch_stream(self._base, batch_size, self._seed)
+        for _ in range(self._steps):
+            yield next(stream)
+
+
+@register_method("stepping", "SteppingNet (construct + retrain, causal, learned tags)", order=0)
+def build_for_comparison(s: Setup):
+    """SteppingNet: construct + retrain with a SteppingConfig scaled to the budget.
+
+    Options: ``expansion`` (default: the paper's per model), ``construct_fraction`` (0.6 of the
+    steps plan construction; what it leaves when it meets the budgets early goes to retraining),
+    ``iterations`` (N_t; default: 4 batches per iteration, at most 300), ``teacher_fraction`` (0: retrain with
+    plain CE; > 0: that share of the budget first trains the original network as the Eq. 4
+    teacher; its steps count).
+    """
+    opts = dict(s.options)
+    expansion = float(opts.pop("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0)))
+    construct_fraction = float(opts.pop("construct_fraction", 0.6))
+    teacher_fraction = float(opts.pop("teacher_fraction", 0.0))
+    iterations = opts.pop("iterations", None)
+    if opts:
+        raise ValueError(f"unknown stepping options {sorted(opts)}; accepted: expansion, construct_fraction, "
+                         f"iterations, teacher_fraction")
+    if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
+        raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
+                         f"got {construct_fraction}, {teacher_fraction}")
+    steplog = StepLog()
+    teacher = None
+    teacher_steps = round(s.steps * teacher_fraction)
+    if teacher_steps:
+        teacher = s.create(1.0).train()
+        cfg = BaselineConfig(steps=teacher_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
+        optimizer = sgd(teacher.parameters(), cfg)
+        run_steps(loss_step(lambda x, y: F.cross_entropy(teacher(x), y), optimizer), optimizer,
+                  batch_stream(s.train, s.batch_size, s.seed), teacher_steps, steplog, "teacher", s.progress)
+        teacher.eval()
+    remaining = s.steps - teacher_steps
+    planned = max(1, min(remaining, round(remaining * construct_fraction)))
+    iterations = int(iterations) if iterations is not None else min(300, max(1, planned // 4))
+    iterations = max(1, min(iterations, planned))
+    per_iteration = planned // iterations
+    config = SteppingConfig(iterations=iterations, batches_per_iteration=per_iteration,
+                                     batch_size=s.batch_size, lr=s.lr, retrain_lr=s.lr, retrain_epochs=1,
+                                     distillation=teacher is not None, seed=s.seed, progress=s.progress)
+    model = s.create(expansion)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = construct(model, s.train, s.budgets, config, reference_macs=s.reference_macs)
+    construct_steps = len(net.history["iterations"]) * per_iteration
+    steplog.add(construct_steps, s.batch_size, "construct")
+    retrain_steps = remaining - construct_steps
+    if retrain_steps > 0:
+        net.retrain(_StepView(s.train, retrain_steps, s.batch_size, s.seed + 1), teacher=teacher)
+        steplog.add(retrain_steps, s.batch_size, "retrain")
+    net.history.update({"method": "stepping", "expansion": expansion, "batch_size": s.batch_size,
+                        "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
+                                                                               "lr", "distillation")},
+                        "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
+    return net
 
 
 __all__ = ["SteppingConfig", "SteppingNet", "CONSTRUCTION_FIELDS", "construct", "importance", "move_neurons", "train_step",

@@ -13,9 +13,9 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from dyninfer.cost import check_input_shape
+from dyninfer.cost import check_input_shape, macs
 
-__all__ = ["register", "create", "list_models"]
+__all__ = ["register", "create", "list_models", "original_macs"]
 
 Factory = Callable[..., nn.Module]
 _REGISTRY: dict[str, Factory] = {}
@@ -76,3 +76,14 @@ def create(
         **kwargs,
     }
     return model
+
+
+def original_macs(model: nn.Module) -> int:
+    """MACs of the original network of a zoo model: the same model at expansion 1.0."""
+    spec = getattr(model, "dyninfer_config", None)
+    if not spec:
+        raise ValueError("cannot tell the original network of a model without dyninfer_config; "
+                         "pass reference_macs= (MACs of the unexpanded network)")
+    original = create(spec["name"], num_classes=spec["num_classes"], expansion=1.0,
+                      input_shape=tuple(spec["input_shape"]))
+    return macs(original, tuple(spec["input_shape"]))

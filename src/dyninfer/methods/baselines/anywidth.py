@@ -22,6 +22,7 @@ from dyninfer.methods.baselines._common import (
     BaselineConfig, StepLog, batch_stream, input_shape_of, match_prefix_counts, reference_of, run_steps,
 )
 from dyninfer.nn.tagged import TaggedNet
+from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     history = {"method": "anywidth", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                "multipliers": multipliers, "channels": counts, **log.as_dict()}
     return AnyWidthNet(net, list(budgets), reference, scfg, history)
+
+
+
+@register_method("anywidth", "any-width (causal rule, regular groups, joint losses)", order=30)
+def build_for_comparison(s: Setup) -> AnyWidthNet:
+    model = s.create(float(s.options.get("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0))))
+    return train(model, s.train, s.budgets, s.config(AnyWidthConfig), reference_macs=s.reference_macs)
 
 
 __all__ = ["AnyWidthConfig", "AnyWidthNet", "build", "train"]

@@ -27,6 +27,7 @@ from dyninfer.methods.baselines._common import (
 )
 from dyninfer.nn.tagged import fold_sequential
 from dyninfer.runtime.session import AnytimeSession
+from dyninfer.methods.registry import Setup, register_method
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,13 @@ def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | N
     net.history = {"method": "earlyexit", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                    "exits": net.exit_points(), **log.as_dict()}
     return net
+
+
+
+@register_method("earlyexit", "early exit (heads after each stage)", flat_only=True, order=40)
+def build_for_comparison(s: Setup):
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train(model, s.train, s.config(EarlyExitConfig), reference_macs=s.reference_macs)
 
 
 __all__ = ["EarlyExitConfig", "EarlyExitNet", "EarlyExitSession", "make_head", "stage_ends", "train"]

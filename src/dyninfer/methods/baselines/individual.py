@@ -23,6 +23,7 @@ from dyninfer.methods.baselines._common import (
     split_steps,
 )
 from dyninfer.methods.baselines.slimmable import build
+from dyninfer.methods.registry import Setup, register_method
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,27 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
     history = {"method": method, "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                "multipliers": multipliers, "channels": counts, **log.as_dict()}
     return SubnetList(subnets, shape, reference, list(budgets), history).eval()
+
+
+
+@register_method("individual", "individually trained narrow copies (budget split)", order=50)
+def build_individual_for_comparison(s: Setup) -> SubnetList:
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train_individual(model, s.train, s.budgets, s.config(IndividualConfig), reference_macs=s.reference_macs)
+
+
+@register_method("slice", "brute-force slicing of one full model", order=60)
+def build_slice_for_comparison(s: Setup) -> SubnetList:
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.0),
+                        reference_macs=s.reference_macs)
+
+
+@register_method("slice-ft", "slicing + classifier fine-tuning (20 % of steps)", order=70)
+def build_slice_ft_for_comparison(s: Setup) -> SubnetList:
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.2),
+                        reference_macs=s.reference_macs)
 
 
 __all__ = ["IndividualConfig", "SliceConfig", "reinitialise", "slice_subnets", "train_individual", "train_sliced"]

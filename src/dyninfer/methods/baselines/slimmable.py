@@ -22,6 +22,7 @@ from dyninfer.methods.baselines._common import (
 )
 from dyninfer.methods.face import TaggedSubnets
 from dyninfer.nn.tagged import TaggedNet
+from dyninfer.methods.registry import Setup, register_method
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,13 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     history = {"method": "slimmable", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                "multipliers": multipliers, "channels": counts, **log.as_dict()}
     return SlimmableNet(net, list(budgets), reference, multipliers, history)
+
+
+
+@register_method("slimmable", "slimmable (full rule, switchable BN, summed losses)", order=10)
+def build_for_comparison(s: Setup) -> SlimmableNet:
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train(model, s.train, s.budgets, s.config(SlimmableConfig), reference_macs=s.reference_macs)
 
 
 __all__ = ["SlimmableConfig", "SlimmableNet", "build", "train"]

@@ -27,6 +27,8 @@ from dyninfer.methods.baselines._common import (
 from dyninfer.methods.baselines.slimmable import SlimmableNet, build
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.train import kd_loss
+from dyninfer.methods.registry import Setup, register_method
+from dyninfer.methods.stepping import check_budgets
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,21 @@ def deploy(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], 
     history = {"method": "us", "multipliers": multipliers, "channels": counts,
                "calibration_batches_per_width": batches}
     return SlimmableNet(net, list(budgets), reference, multipliers, history)
+
+
+
+@register_method("us", "universally slimmable (sandwich rule, in-place KD, BN recalibrated)", order=20)
+def build_for_comparison(s: Setup):
+    """US-Nets at the budgets, or with option ``at`` (a method run earlier) at that method's exact
+    MAC fractions: any width can be deployed after training."""
+    budgets = s.budgets
+    if "at" in s.options:
+        if s.options["at"] not in s.previous:
+            raise ValueError(f"us option at={s.options['at']!r} must name a method compared before us; "
+                             f"so far: {sorted(s.previous)}")
+        budgets = check_budgets([min(1.0, f) for f in s.previous[s.options["at"]]])
+    model = s.create(float(s.options.get("expansion", 1.0)))
+    return train(model, s.train, budgets, s.config(USConfig), reference_macs=s.reference_macs)
 
 
 __all__ = ["USConfig", "deploy", "sandwich_widths", "train"]

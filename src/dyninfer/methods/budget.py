@@ -1,0 +1,135 @@
+"""Training under a counted budget: the config every method shares, a seeded batch stream, and a
+loop that records each optimizer step.
+
+Training budgets are counted in optimizer steps x batch size: every loop here draws full
+batches from one seeded stream (the same pipeline as SteppingNet's construction) and records
+each optimizer step in a :class:`StepLog`, which ends up in ``net.history``. No method is
+imported here, so every method module (SteppingNet's included) can use it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dyninfer.data import ImageSet
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The training budget and optimizer every baseline shares (SGD + Nesterov, cosine LR)."""
+
+    steps: int = 1000                # optimizer steps; the budget is steps x batch_size samples
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{type(self).__name__}.lr must be a number > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"{type(self).__name__}.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StepLog:
+    """Counts optimizer steps and samples, per phase (e.g. "train", "finetune-2")."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.samples = 0
+        self.phases: dict[str, int] = {}
+        self.losses: dict[str, list[float]] = {}
+
+    def record(self, batch: int, phase: str, loss: float | None = None) -> None:
+        self.steps += 1
+        self.samples += int(batch)
+        self.phases[phase] = self.phases.get(phase, 0) + 1
+        if loss is not None:
+            self.losses.setdefault(phase, []).append(loss)
+
+    def add(self, steps: int, batch: int, phase: str) -> None:
+        """Record ``steps`` optimizer steps of ``batch`` samples made by a loop that is not ours."""
+        self.steps += int(steps)
+        self.samples += int(steps) * int(batch)
+        if steps:
+            self.phases[phase] = self.phases.get(phase, 0) + int(steps)
+
+    def as_dict(self) -> dict:
+        """``optimizer_steps``, ``samples``, ``phases`` and each phase's mean loss over its last 10 %."""
+        tail = {}
+        for phase, values in self.losses.items():
+            last = values[-max(1, len(values) // 10):]
+            tail[phase] = sum(last) / len(last)
+        return {"optimizer_steps": self.steps, "samples": self.samples, "phases": dict(self.phases),
+                "final_loss": tail}
+
+
+def batch_stream(data: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless full batches: shuffled, augmented, seeded; the pipeline every method trains on."""
+    if len(data) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} training samples of {data.name!r}; "
+                         f"use a batch size <= {len(data)}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=True)
+
+
+def sgd(params, config: BaselineConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires gradients")
+    return torch.optim.SGD(params, lr=config.lr if lr is None else lr, momentum=config.momentum,
+                           nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+
+
+def run_steps(step: Callable[[torch.Tensor, torch.Tensor], float], optimizer: torch.optim.Optimizer,
+              stream: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, log: StepLog, phase: str,
+              progress: bool = False) -> None:
+    """Call ``step(x, y)`` (which must make exactly one optimizer step) ``steps`` times under a
+    cosine LR schedule, recording each in ``log``."""
+    if steps <= 0:
+        return
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    bar = tqdm(range(steps), disable=not progress, desc=phase, leave=False)
+    for _ in bar:
+        x, y = next(stream)
+        loss = step(x, y)
+        scheduler.step()
+        log.record(x.shape[0], phase, loss)
+    bar.close()
+
+
+def loss_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """A step function: zero grads, backward ``loss_fn(x, y)``, one optimizer step."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+    """``total`` steps over ``parts`` runs as evenly as possible; the larger runs get the rest."""
+    base, rest = divmod(total, parts)
+    return [base + (1 if i >= parts - rest else 0) for i in range(parts)]
