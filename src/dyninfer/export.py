@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dyninfer.nn.tagged import TaggedNet
+from dyninfer.runtime.graph import CompactGraph
 
 
 def _compact_of(net):
@@ -46,12 +46,10 @@ def _check_k(cnet, k) -> int:
 def subnet(net, k: int) -> nn.Sequential:
     """Subnet ``k`` (1-based) of an incremental network as a dense module (NCHW): an
     ``nn.Sequential`` for a plain stack, an ``fx.GraphModule`` for a residual network."""
-    tagged = getattr(net, "net", net)
-    if isinstance(tagged, TaggedNet) and not tagged.chain:
-        _check_k(tagged, k)
-        return tagged.dense(k)
     cnet = _compact_of(net)
     _check_k(cnet, k)
+    if isinstance(cnet, CompactGraph):
+        return cnet.dense(k)
     modules: list[nn.Module] = []
     for layer in cnet.layers:
         weight, bias = layer.prefix_weights[k - 1], layer.prefix_biases[k - 1]
@@ -100,8 +98,12 @@ def incremental(net, path: str | Path | None = None) -> torch.jit.ScriptModule:
     """
     from dyninfer.runtime.scripted import IncrementalScript
 
+    cnet = _compact_of(net)
+    if isinstance(cnet, CompactGraph):
+        raise ValueError("the incremental TorchScript module covers plain stacks; a residual network's subnets "
+                         "export one by one (export.torchscript(net, k)) and step in Python (net.start(x))")
     with _quiet_jit():
-        scripted = torch.jit.script(IncrementalScript(_compact_of(net)).eval())
+        scripted = torch.jit.script(IncrementalScript(cnet).eval())
     if path is not None:
         scripted.save(str(path))
     return scripted

@@ -113,8 +113,9 @@ def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] 
         "machine": machine(),
         "net": {"num_subnets": cnet.num_subnets, "input_shape": list(cnet.input_shape), "macs": cnet.macs(),
                 "mac_fraction_of_original": fractions, "block_density": cnet.block_density(),
-                "channels_per_step": [[b - a for a, b in zip(layer.bounds, layer.bounds[1:])]
-                                      for layer in cnet.layers],
+                "channels_per_step": (cnet.channels_per_step() if hasattr(cnet, "channels_per_step") else
+                                      [[b - a for a, b in zip(layer.bounds, layer.bounds[1:])]
+                                       for layer in cnet.layers]),
                 "note": "pruned (zero) weights inside the dense blocks are computed like live ones"},
         "settings": settings,
     }

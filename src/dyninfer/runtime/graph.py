@@ -14,9 +14,12 @@ cached activations included.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import operator
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -33,6 +36,7 @@ class CompactGraph(nn.Module):
             raise ValueError(f"compaction into step blocks needs the causal rule with shared BatchNorm; this network "
                              f"has rule={net.rule!r}, switchable_bn={net.switchable_bn} (export its subnets with "
                              f"net.dense(k))")
+        self._source = [net]  # a list, so the tagged net is not registered as a submodule
         self.num_subnets = n = net.num_subnets
         self.input_shape = tuple(net.input_shape)
         self.program = list(net.program)
@@ -101,6 +105,60 @@ class CompactGraph(nn.Module):
         self.eval()
 
     # ------------------------------------------------------------------ the common runtime face
+    def with_options(self, *, channels_last: bool | None = None, cache: str | None = None) -> "CompactGraph":
+        """The same net compacted for another memory format (``cache`` is the chain runtime's option;
+        a residual session always concatenates new channels onto its cache)."""
+        return CompactGraph(self._source[0], channels_last=self.channels_last if channels_last is None
+                            else channels_last)
+
+    def channels_per_step(self) -> list[list[int]]:
+        """New channels of every tag group at each step."""
+        return [[b - a for a, b in zip(bounds, bounds[1:])] for bounds in self.group_bounds]
+
+    @torch.no_grad()
+    def dense(self, subnet: int) -> fx.GraphModule:
+        """Subnet k as a plain torch module (NCHW): the prefix blocks in Conv2d/Linear layers with
+        BatchNorm folded, wired like the program; no dyninfer needed to run it."""
+        k = self._check_subnet(subnet)
+        root, graph, env = nn.Module(), fx.Graph(), []
+        for node in self.program:
+            if node.op == "input":
+                env.append(graph.placeholder("x"))
+            elif node.op == "layer":
+                i = node.index
+                weight, bias = self.prefix_w[i][k - 1].contiguous(), self.prefix_b[i][k - 1]
+                if self.layer_kind[i] == "conv":
+                    stride, padding, dilation = self.conv_args[i]
+                    layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), stride, padding,
+                                      dilation)
+                else:
+                    layer = nn.Linear(weight.shape[1], weight.shape[0])
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+                root.add_module(f"layer{i}", layer)
+                env.append(graph.call_module(f"layer{i}", (env[node.args[0]],)))
+            elif node.op == "add":
+                env.append(graph.call_function(operator.add, (env[node.args[0]], env[node.args[1]])))
+            elif node.op == "flatten":
+                env.append(graph.call_function(torch.flatten, (env[node.args[0]], 1)))
+            elif node.op == "map":
+                module = self.maps[node.index]
+                if isinstance(module, (nn.Dropout, nn.Identity)):
+                    env.append(env[node.args[0]])
+                else:
+                    root.add_module(f"op{node.index}", copy.deepcopy(module))
+                    env.append(graph.call_module(f"op{node.index}", (env[node.args[0]],)))
+            else:  # classifier
+                weight = self.cls_prefix[k - 1]
+                classifier = nn.Linear(weight.shape[1], weight.shape[0], bias=self.cls_bias is not None)
+                classifier.weight.copy_(weight)
+                if self.cls_bias is not None:
+                    classifier.bias.copy_(self.cls_bias)
+                root.add_module("classifier", classifier)
+                graph.output(graph.call_module("classifier", (env[node.args[0]],)))
+                break
+        return fx.GraphModule(root, graph).eval()
+
     def macs(self) -> list[int]:
         """Exact MACs of each subnet along the incremental path (live weights x output positions)."""
         return list(self._macs)
