@@ -10,6 +10,6 @@ it has now and, for incremental networks, steps up to a larger one reusing what 
 """
 
 from dyninfer import cost, data, export, models, report, runtime, train  # noqa: F401
-from dyninfer.methods import lcnet, stepping  # noqa: F401
+from dyninfer.methods import lcnet, nonuniform, stepping  # noqa: F401
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from dyninfer.data import ImageSet
-from dyninfer.methods import baselines, stepping  # noqa: F401  (importing a method module registers it)
+from dyninfer.methods import baselines, nonuniform, stepping  # noqa: F401  (importing a method module registers it)
 from dyninfer.methods.registry import Setup, get_method, list_methods
 
 log = logging.getLogger(__name__)

@@ -234,26 +234,36 @@ class TaggedNet(nn.Module):
         return [i for i, g in enumerate(self.layer_source) if g == group]
 
     # ----------------------------------------------------------------- tags and masks
-    def set_prefix_tags(self, counts: Sequence[Sequence[int]]) -> None:
-        """Regular (slimmable-style) tags: subnet k owns the first ``counts[k-1][g]`` channels of
-        tag group g; channels beyond the largest subnet's count get tag N+1 (dropped).
+    def set_prefix_tags(self, counts: Sequence[Sequence[int]],
+                        order: Sequence[torch.Tensor] | None = None) -> None:
+        """Nested tags by count: subnet k owns the first ``counts[k-1][g]`` channels of tag group g;
+        channels beyond the largest subnet's count get tag N+1 (dropped).
 
-        Counts must be >= 1, non-decreasing in k and at most the group's width.
+        "First" is channel index order (slimmable-style prefixes) or, with ``order[g]`` (a
+        permutation, e.g. channels by importance), that order. Counts must be >= 1,
+        non-decreasing in k and at most the group's width.
         """
         widths = self.widths()
         rows = [list(map(int, c)) for c in counts]
         if len(rows) != self.num_subnets or any(len(c) != self.num_groups for c in rows):
             raise ValueError(f"counts must be {self.num_subnets} lists (one per subnet) of {self.num_groups} "
                              f"channel counts (one per tag group); got {counts!r}")
+        if order is not None and (len(order) != self.num_groups or any(
+                sorted(map(int, o)) != list(range(w)) for o, w in zip(order, widths))):
+            raise ValueError("order must hold one permutation of each tag group's channels")
         for g, width in enumerate(widths):
             column = [c[g] for c in rows]
             if column[0] < 1 or column[-1] > width or any(a > b for a, b in zip(column, column[1:])):
                 raise ValueError(f"tag group {g} (width {width}): counts per subnet must be non-decreasing "
                                  f"within 1..{width}; got {column}")
             tags = self.tags(g)
-            index = torch.arange(width, device=tags.device)
+            rank = torch.arange(width, device=tags.device)
             bounds = torch.tensor(column, device=tags.device)
-            tags.copy_(1 + (index.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1))
+            by_rank = 1 + (rank.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1)
+            if order is None:
+                tags.copy_(by_rank)
+            else:
+                tags[torch.as_tensor(order[g], device=tags.device).long()] = by_rank
             for i in self.group_layers(g):
                 self.alive(i)[:] = True
 
