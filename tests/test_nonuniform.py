@@ -178,3 +178,21 @@ def test_the_measured_table_is_cached_and_predicts_monotonically(tmp_path):
     again = build_table(net, batch=4, multiple=4, repeats=3, cache_dir=tmp_path)
     assert again.ms == table.ms  # read back, not measured again (a new measurement would differ)
     assert all(v > 0 for layer in table.ms for row in layer for v in row)
+
+
+def test_cli_train_eval_bench_and_a_bad_out(tmp_path, capsys):
+    from dyninfer.cli import main
+
+    out = tmp_path / "nu"
+    assert main(["nonuniform", "train", "--model", "lenet-5", "--data", "digits", "--steps", "6", "--batch-size", "32",
+                 "--budgets", "0.4,1.0", "--multiple", "2", "--out", str(out), "--quiet"]) == 0
+    assert (out / "widths.png").stat().st_size > 1000 and (out / "nonuniform.safetensors").exists()
+    trained = capsys.readouterr().out
+    assert main(["nonuniform", "eval", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == trained.split("wrote")[0].strip()  # the reloaded net, same table
+    assert main(["nonuniform", "bench", str(out), "--batches", "2", "--repeats", "2"]) == 0
+    assert "latency / full" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["nonuniform", "train", "--out", str(blocker / "sub"), "--steps", "2"]) == 2
+    assert "cannot be created" in capsys.readouterr().err

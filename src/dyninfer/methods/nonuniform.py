@@ -25,15 +25,21 @@ Stepping up recomputes (full rule): this method trades reuse for freedom in ever
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dyninfer import checkpoint as ckpt
+from dyninfer import models
 from dyninfer.data import ImageSet
-from dyninfer.methods.allocate import allocate, by_importance, by_loss, latency_cost, macs_cost, orders_of
+from dyninfer.methods.allocate import (
+    allocate, by_importance, by_loss, dense_macs, latency_cost, macs_cost, orders_of,
+)
 from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recalibrate_bn, reference_of
 from dyninfer.methods.baselines.individual import reinitialise
 from dyninfer.methods.baselines.slimmable import SlimmableNet
@@ -45,7 +51,7 @@ from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime.latency_table import LatencyTable, build_table
 from dyninfer.train import kd_loss
 
-__all__ = ["NonUniformConfig", "NonUniformNet", "sample", "train"]
+__all__ = ["BY", "IMPORTANCES", "SEARCHES", "NonUniformConfig", "NonUniformNet", "sample", "train"]
 
 SEARCHES = ("global", "greedy")
 BY = ("macs", "latency")
@@ -97,6 +103,43 @@ class NonUniformNet(SlimmableNet):
         """Output channels of every hidden layer in subnet ``subnet``."""
         per_group = self.widths(subnet)
         return [per_group[g] for g in self.net.layer_group]
+
+    def uniform_multipliers(self) -> list[float]:
+        """Per subnet, the one global width multiplier a slimmable net needs for the same MACs."""
+        full = self.net.widths()
+        out = []
+        for k in range(1, self.num_subnets + 1):
+            target = dense_macs(self.net, self.widths(k))
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                counts = [max(1, round(mid * w)) for w in full]
+                lo, hi = (mid, hi) if dense_macs(self.net, counts) <= target else (lo, mid)
+            out.append(lo)
+        return out
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """safetensors (weights, tags, every subnet's BatchNorm) + JSON (model, budgets, history)."""
+        meta = {"kind": "nonuniform", "budgets": self.budgets, "reference_macs": self.reference_macs,
+                "num_subnets": self.num_subnets, "input_shape": list(self.input_shape),
+                "model": self.net.dyninfer_config, "history": self.history, **(extra or {})}
+        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NonUniformNet":
+        tensors, meta = ckpt.load(path)
+        if meta.get("kind") != "nonuniform":
+            raise ValueError(f"{path} is not a non-uniform checkpoint (kind={meta.get('kind')!r})")
+        spec = meta["model"]
+        model = models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
+                              input_shape=tuple(spec["input_shape"]))
+        net = TaggedNet(model, meta["num_subnets"], tuple(meta["input_shape"]), rule="full", switchable_bn=True)
+        net.load_state_dict(tensors)
+        net.eval()
+        return cls(net, meta["budgets"], meta["reference_macs"], [float("nan")] * meta["num_subnets"],
+                   meta.get("history"))
 
 
 def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", importance: str = "filter-norm",
