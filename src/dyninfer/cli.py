@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes
+from dyninfer.methods.registry import DEFAULT_EXPANSION
 
 COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands", "dyninfer.runtime.commands",
                    "dyninfer.compare_commands")
-DEFAULT_EXPANSION = {"lenet-3c1l": 1.8, "lenet-5": 2.0, "vgg-16": 1.8}  # SteppingNet paper, Sec. IV
 
 
 class CLIError(Exception):
