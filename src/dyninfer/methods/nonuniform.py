@@ -25,7 +25,6 @@ Stepping up recomputes (full rule): this method trades reuse for freedom in ever
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dyninfer import checkpoint as ckpt
-from dyninfer import models
 from dyninfer.data import ImageSet
 from dyninfer.methods.allocate import (
     allocate, by_importance, by_loss, dense_macs, latency_cost, macs_cost, orders_of,
@@ -44,6 +41,7 @@ from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recal
 from dyninfer.methods.baselines.individual import reinitialise
 from dyninfer.methods.baselines.slimmable import SlimmableNet
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd, split_steps
+from dyninfer.methods.face import load_tagged
 from dyninfer.methods.importance import IMPORTANCES, group_lasso
 from dyninfer.methods.registry import Setup, register_method
 from dyninfer.methods.stepping import check_budgets
@@ -120,24 +118,11 @@ class NonUniformNet(SlimmableNet):
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """safetensors (weights, tags, every subnet's BatchNorm) + JSON (model, budgets, history)."""
-        meta = {"kind": "nonuniform", "budgets": self.budgets, "reference_macs": self.reference_macs,
-                "num_subnets": self.num_subnets, "input_shape": list(self.input_shape),
-                "model": self.net.dyninfer_config, "history": self.history, **(extra or {})}
-        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        ckpt.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+        self._save_tagged(path, "nonuniform", {"history": self.history, **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "NonUniformNet":
-        tensors, meta = ckpt.load(path)
-        if meta.get("kind") != "nonuniform":
-            raise ValueError(f"{path} is not a non-uniform checkpoint (kind={meta.get('kind')!r})")
-        spec = meta["model"]
-        model = models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
-                              input_shape=tuple(spec["input_shape"]))
-        net = TaggedNet(model, meta["num_subnets"], tuple(meta["input_shape"]), rule="full", switchable_bn=True)
-        net.load_state_dict(tensors)
-        net.eval()
+        net, meta = load_tagged(path, "nonuniform", rule="full", switchable_bn=True)
         return cls(net, meta["budgets"], meta["reference_macs"], [float("nan")] * meta["num_subnets"],
                    meta.get("history"))
 

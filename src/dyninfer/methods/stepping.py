@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
-from dyninfer.methods.face import TaggedSubnets
+from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
 from dyninfer.models.registry import original_macs
@@ -422,27 +422,11 @@ class SteppingNet(TaggedSubnets, nn.Module):
     # -------------------------------------------------------------- persistence
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """safetensors (weights, tags, masks) + JSON (budgets, config, model, history)."""
-        meta = {"kind": "stepping", "budgets": self.budgets, "reference_macs": self.reference_macs,
-                "num_subnets": self.num_subnets, "input_shape": list(self.input_shape),
-                "model": self.net.dyninfer_config, "config": asdict(self.config),
-                "history": self.history, **(extra or {})}
-        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        ckpt.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+        self._save_tagged(path, "stepping", {"config": asdict(self.config), "history": self.history, **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "SteppingNet":
-        from dyninfer import models
-
-        tensors, meta = ckpt.load(path)
-        if meta.get("kind") != "stepping":
-            raise ValueError(f"{path} is not a SteppingNet checkpoint (kind={meta.get('kind')!r})")
-        spec = meta["model"]
-        model = models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
-                              input_shape=tuple(spec["input_shape"]))
-        net = TaggedNet(model, meta["num_subnets"], tuple(meta["input_shape"]))
-        net.load_state_dict(tensors)
-        net.eval()
+        net, meta = load_tagged(path, "stepping")
         return cls(net, meta["budgets"], meta["reference_macs"], SteppingConfig(**meta["config"]), meta.get("history"))
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.fx as fx
 
+from dyninfer.checks import check_input, check_subnet
 from dyninfer.nn.program import trace
 
 
@@ -387,15 +388,11 @@ class TaggedNet(nn.Module):
         return [self.subnet_macs(subnet=k) for k in range(1, self.num_subnets + 1)]
 
     # ----------------------------------------------------------------- forward
-    def _check_subnet(self, subnet: int) -> int:
-        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= self.num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{self.num_subnets}, got {subnet!r}")
-        return subnet
+    def _check_subnet(self, subnet) -> int:
+        return check_subnet(subnet, self.num_subnets)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected input of shape (batch, {', '.join(map(str, self.input_shape))}), got {got}")
+        check_input(x, self.input_shape)
 
     def _effective_weight(self, layer: int, straight_through: bool, rows: torch.Tensor | None,
                           cols: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dyninfer.checks import check_input, check_subnet
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.graph import CompactGraph
 
@@ -226,15 +227,10 @@ class CompactNet(nn.Module):
 
     # ------------------------------------------------------------------ hot path preparation
     def _check_subnet(self, subnet) -> int:
-        k = self.num_subnets if subnet is None else subnet
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{self.num_subnets}, got {subnet!r}")
-        return k
+        return check_subnet(subnet, self.num_subnets)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected input of shape (batch, {', '.join(map(str, self.input_shape))}), got {got}")
+        check_input(x, self.input_shape)
 
     @torch.no_grad()
     def _prepare(self) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from dyninfer.checks import check_subnet
+
 
 class AnytimeSession:
     """What every incremental session shares: kept logits per subnet, stepping up (replaying kept
@@ -67,8 +69,7 @@ class Session(AnytimeSession):
 
     def __init__(self, net, x: torch.Tensor, subnet: int = 1):
         net._check_input(x)
-        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= net.num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{net.num_subnets}, got {subnet!r}")
+        check_subnet(subnet, net.num_subnets)
         self._state = net._new_state(x.detach())
         self._begin(net, subnet)
 

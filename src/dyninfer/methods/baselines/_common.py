@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from dyninfer import cost
+from dyninfer.checks import check_input, check_subnet  # noqa: F401  (re-exported for the baselines)
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import (  # noqa: F401  (the baselines' shared loop, re-exported)
     BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd, split_steps,
@@ -102,19 +103,6 @@ def evaluate_subnets(forward_all: Callable[[torch.Tensor], list[torch.Tensor]], 
         for k, logits in enumerate(forward_all(x)):
             correct[k] += int((logits.argmax(1) == y).sum())
     return [c / len(data) for c in correct]
-
-
-def check_subnet(subnet: int | None, num_subnets: int) -> int:
-    k = num_subnets if subnet is None else subnet
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_subnets:
-        raise ValueError(f"subnet must be an int in 1..{num_subnets}, got {subnet!r}")
-    return k
-
-
-def check_input(x: torch.Tensor, input_shape: Sequence[int]) -> None:
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"expected input of shape (batch, {', '.join(map(str, input_shape))}), "
-                         f"got {tuple(x.shape)}")
 
 
 @torch.no_grad()

@@ -1,0 +1,24 @@
+"""The one subnet and input check every method, runtime and export uses (explicit, 1-based ``subnet``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["check_subnet", "check_input"]
+
+
+def check_subnet(subnet, num_subnets: int) -> int:
+    """``subnet`` (None: the largest) as an int in 1..num_subnets, or a ValueError naming it."""
+    k = num_subnets if subnet is None else subnet
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_subnets:
+        raise ValueError(f"subnet must be an int in 1..{num_subnets}, got {subnet!r}")
+    return k
+
+
+def check_input(x, input_shape: Sequence[int]) -> None:
+    """A ValueError unless ``x`` is a (batch, C, H, W) tensor of ``input_shape``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected input of shape (batch, {', '.join(map(str, input_shape))}), got {got}")
