@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer import argtypes
+from dyninfer import argtypes, runs
 from dyninfer.methods.registry import DEFAULT_EXPANSION
 
 COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands", "dyninfer.runtime.commands",
@@ -30,19 +30,8 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------- helpers
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _read_run(run: Path) -> dict:
-    meta = run / "run.json"
-    if not meta.exists():
-        raise CLIError(f"{run} is not a dyninfer run directory (no run.json); "
-                       f"create one with `dyninfer train` or `dyninfer construct`")
-    return json.loads(meta.read_text())
+    return runs.read_meta(run)
 
 
 def _load_data(name: str, root: str | None):
@@ -81,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = train.fit(model, train_set, config, test=test_set, out=out)
     seconds = time.perf_counter() - start
     result = train.evaluate(model, test_set)
-    _write_json(out / "run.json", {
+    runs.write_meta(out, {
         "kind": "train", "model": args.model, "data": args.data, "data_root": args.data_root,
         "num_classes": train_set.num_classes, "expansion": args.expansion,
         "input_shape": list(train_set.input_shape), "train_config": config.to_dict(),
@@ -120,7 +109,7 @@ def cmd_construct(args: argparse.Namespace) -> int:
     net.save(out / "stepping", extra={"original_accuracy": original})
     accuracies = net.evaluate(test_set)
     table, data = report.subnet_table(accuracies, net.mac_fractions(), original, net.budgets)
-    _write_json(out / "run.json", {
+    runs.write_meta(out, {
         "kind": "stepping", "model": args.model, "data": args.data, "data_root": args.data_root,
         "expansion": expansion, "teacher": args.teacher, "original_accuracy": original,
         "command": " ".join(["dyninfer"] + sys.argv[1:]), "history": net.history,
@@ -160,6 +149,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     meta = _read_run(run)
+    if meta["kind"] in ("lcnet", "nonuniform"):
+        raise CLIError(f"{run} is a {meta['kind']} run; evaluate it with `dyninfer {meta['kind']} eval {run}`")
     _, test_set = _load_data(meta["data"], args.data_root or meta.get("data_root"))
     if meta["kind"] == "train":
         model, _ = _load_trained(run)
@@ -215,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     budgets = [0.10, 0.30, 0.50, 0.85]
     net = build_stepping(model, train_set, test_set, budgets, config, teacher.eval())
     net.save(out / "stepping", extra={"original_accuracy": original})
-    _write_json(out / "run.json", {"kind": "stepping", "model": "lenet-3c1l", "data": "digits", "data_root": None,
+    runs.write_meta(out, {"kind": "stepping", "model": "lenet-3c1l", "data": "digits", "data_root": None,
                                     "expansion": 1.8, "original_accuracy": original, "command": "dyninfer demo"})
     accuracies = net.evaluate(test_set)
     table, data = report.subnet_table(accuracies, net.mac_fractions(), original, budgets)

@@ -19,8 +19,6 @@ import copy
 import logging
 import statistics
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

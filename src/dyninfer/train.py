@@ -8,7 +8,6 @@ SteppingNet via :func:`kd_loss`) and callbacks (e.g. scaling gradients after bac
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging

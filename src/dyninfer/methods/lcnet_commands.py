@@ -8,7 +8,6 @@ errors (the main entry point prints those as one line).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dyninfer import argtypes
+from dyninfer import argtypes, runs
 
 __all__ = ["add_commands", "cmd_train", "cmd_eval", "write_plots"]
 
@@ -59,21 +58,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-
-
 def _pretrained_backbone(run: Path, data_name: str):
     from dyninfer import checkpoint, models
 
-    meta = _read_json(run / "run.json")
-    if meta.get("kind") != "train":
-        raise ValueError(f"--pretrained {run} holds a {meta.get('kind')!r} run; expected one made by `dyninfer train`")
+    meta = runs.read_meta(run, "train")
     if meta.get("data") != data_name:
         raise ValueError(f"--pretrained {run} was trained on {meta.get('data')!r}, not on --data {data_name!r}")
     model = models.create(meta["model"], num_classes=meta["num_classes"], expansion=meta["expansion"],
@@ -111,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = lcnet.train(net, train_set, config, test=test_set, out=out)
     seconds = time.perf_counter() - start
     result = lcnet.evaluate(net, test_set).summary()
-    _write_json(out / "run.json", {
+    runs.write_meta(out, {
         "kind": "lcnet", "model": args.model, "data": args.data, "data_root": args.data_root,
         "num_classes": train_set.num_classes, "input_shape": list(train_set.input_shape),
         "mode": args.mode, "slope": args.slope, "pretrained": pretrained, "config": config.to_dict(),
@@ -129,9 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dyninfer.methods import lcnet
 
     run = Path(args.run)
-    meta = _read_json(run / "run.json")
-    if meta.get("kind") != "lcnet":
-        raise ValueError(f"{run} holds a {meta.get('kind')!r} run; expected one made by `dyninfer lcnet train`")
+    meta = runs.read_meta(run, "lcnet")
     net = lcnet.load(run / "model", mode=args.mode)
     _, test_set = data.load(meta["data"], root=args.data_root or meta.get("data_root"))
     evaluation = lcnet.evaluate(net, test_set)
@@ -159,13 +145,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  {**summary, "plots": [str(p) for p in plots], "machine": report.machine()})
     print(table)
     return 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- plots

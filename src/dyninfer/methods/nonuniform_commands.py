@@ -9,7 +9,6 @@ network, interleaved, at each batch size. User errors raise ValueError / FileNot
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-from dyninfer import argtypes, models, report  # noqa: E402
+from dyninfer import argtypes, models, report, runs  # noqa: E402
 from dyninfer import data as data_module  # noqa: E402
 from dyninfer.methods import nonuniform  # noqa: E402
 from dyninfer.runtime.timing import interleaved, summarize  # noqa: E402
@@ -84,16 +83,7 @@ def _out_dir(path: str) -> Path:
 
 
 def _load(run: str) -> tuple[nonuniform.NonUniformNet, dict]:
-    meta_path = Path(run) / "run.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{run} is not a dyninfer run directory (no run.json); make one with "
-                                f"`dyninfer nonuniform train`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON ({err})") from None
-    if meta.get("kind") != "nonuniform":
-        raise ValueError(f"{run} holds a {meta.get('kind')!r} run, not a non-uniform one")
+    meta = runs.read_meta(run, "nonuniform")
     return nonuniform.NonUniformNet.load(Path(run) / "nonuniform"), meta
 
 
@@ -144,9 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     net.save(out / "nonuniform")
     text, record = _table(net, net.evaluate(test_set))
     command = shlex.join(["dyninfer"] + sys.argv[1:])
-    (out / "run.json").write_text(json.dumps({"kind": "nonuniform", "model": args.model, "data": args.data,
-                                              "data_root": args.data_root, "command": command,
-                                              "history": net.history}, indent=1, default=str))
+    runs.write_meta(out, {"kind": "nonuniform", "model": args.model, "data": args.data, "data_root": args.data_root,
+                          "command": command, "history": net.history})
     report.write(out, "table", f"Command: `{command}`\n\n{text}", {**record, "machine": report.machine()})
     plot_widths(net, out / "widths.png")
     print(text)

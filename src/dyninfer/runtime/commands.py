@@ -6,13 +6,12 @@ User errors raise ValueError / FileNotFoundError with a one-line message; the ma
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
 import torch
 
-from dyninfer import argtypes
+from dyninfer import argtypes, runs
 
 
 def load_run(run: str | Path):
@@ -20,14 +19,7 @@ def load_run(run: str | Path):
     from dyninfer.methods.stepping import SteppingNet
 
     run = Path(run)
-    meta_path = run / "run.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{run} is not a dyninfer run directory (no run.json); "
-                                f"make one with `dyninfer construct` or `dyninfer demo`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != "stepping":
-        raise ValueError(f"{run} holds a {meta.get('kind')!r} run; bench and simulate need a stepping run "
-                         f"(`dyninfer construct` or `dyninfer demo`)")
+    meta = runs.read_meta(run, "stepping")
     if not (run / "stepping.json").exists():
         raise FileNotFoundError(f"{run} has no stepping checkpoint (stepping.json / stepping.safetensors)")
     return SteppingNet.load(run / "stepping"), meta

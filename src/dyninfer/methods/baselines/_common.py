@@ -6,12 +6,10 @@ subnets.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from dyninfer import cost
 from dyninfer.checks import check_input, check_subnet  # noqa: F401  (re-exported for the baselines)

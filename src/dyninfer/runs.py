@@ -1,0 +1,74 @@
+"""The run directory, read and written in one place.
+
+Every command that trains writes ``run.json`` (its kind, what made it, its settings) beside its
+checkpoints and reports; every command that reads a run goes through :func:`read_meta`, and
+``dy.load(run)`` returns the right object for any kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from dyninfer import checkpoint, models
+from dyninfer.methods import lcnet, nonuniform, stepping
+
+__all__ = ["KINDS", "write_meta", "read_meta", "load"]
+
+# kind -> the command that makes it (for error messages)
+KINDS = {"train": ("dyninfer train",), "stepping": ("dyninfer construct", "dyninfer demo"),
+         "lcnet": ("dyninfer lcnet train",), "nonuniform": ("dyninfer nonuniform train",)}
+
+
+def _made_by(kinds: Sequence[str]) -> str:
+    return " or ".join(f"`{command}`" for k in kinds for command in KINDS.get(k, (k,)))
+
+
+def write_meta(out: str | Path, meta: dict) -> Path:
+    """``out/run.json``, written atomically (temp file + rename)."""
+    path = Path(out) / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_meta(run: str | Path, kind: str | Sequence[str] | None = None) -> dict:
+    """The run's ``run.json``; a clear error when there is none, it is damaged, or (with ``kind``)
+    it holds another kind of run."""
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        wanted = [kind] if isinstance(kind, str) else list(kind or ("train", "stepping"))
+        raise FileNotFoundError(f"{run} is not a dyninfer run directory (no run.json); make one with "
+                                f"{_made_by(wanted)}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged (not valid JSON: {err}); rerun the command that made it") from None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ValueError(f"{path} has no 'kind'; it was not written by dyninfer")
+    wanted = [kind] if isinstance(kind, str) else list(kind or [])
+    if wanted and meta["kind"] not in wanted:
+        raise ValueError(f"{run} holds a {meta['kind']!r} run; expected one made by {_made_by(wanted)} "
+                         f"(a {' or '.join(wanted)} run)")
+    return meta
+
+
+def load(run: str | Path) -> Any:
+    """The trained object of any run directory: a model (train), a SteppingNet, an LC-Net or a
+    non-uniform net, in eval mode."""
+    run = Path(run)
+    meta = read_meta(run, tuple(KINDS))
+    kind = meta["kind"]
+    if kind == "stepping":
+        return stepping.SteppingNet.load(run / "stepping")
+    if kind == "nonuniform":
+        return nonuniform.NonUniformNet.load(run / "nonuniform")
+    if kind == "lcnet":
+        return lcnet.load(run / "model")
+    model = models.create(meta["model"], num_classes=meta["num_classes"], expansion=meta["expansion"],
+                          input_shape=tuple(meta["input_shape"]))
+    checkpoint.load_model(run / "model", model)
+    return model.eval()
