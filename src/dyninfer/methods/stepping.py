@@ -33,6 +33,9 @@ from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet
+from dyninfer.runtime.compaction import compact
+from dyninfer.runtime.session import Session
+from dyninfer.train import FrozenTeacher, derive_seed, kd_loss as shared_kd_loss
 
 SCHEDULES = ("joint", "sequential")
 
@@ -102,8 +105,6 @@ def check_budgets(budgets: Sequence[float], num_subnets: int | None = None) -> l
 
 # ---------------------------------------------------------------------------- losses and steps
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    from dyninfer.train import kd_loss as shared_kd_loss
-
     return shared_kd_loss(student, teacher, temperature)
 
 
@@ -328,14 +329,10 @@ class SteppingNet(TaggedSubnets, nn.Module):
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""
-        from dyninfer.runtime.session import Session
-
         return Session(self.compact(), x, subnet)
 
     def compact(self):
         """The inference form: channels sorted by tag, dense per-step blocks, BN folded (cached)."""
-        from dyninfer.runtime.compaction import compact
-
         key = _state_key(self.net)
         if getattr(self, "_compact_key", None) != key:
             self._compact, self._compact_key = compact(self.net), key
@@ -350,8 +347,6 @@ class SteppingNet(TaggedSubnets, nn.Module):
         With ``checkpoint`` (a path stem) every epoch ends with an atomic checkpoint that
         ``resume=True`` continues from exactly (each epoch's batch order derives from the seed).
         """
-        from dyninfer.train import FrozenTeacher, derive_seed
-
         cfg = config or self.config
         epochs = cfg.retrain_epochs if epochs is None else epochs
         use_teacher = None
@@ -460,8 +455,6 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     ``resume=True`` continues an interrupted construction from it exactly: each iteration's
     batches and random state are derived from (seed, iteration), not from what ran before.
     """
-    from dyninfer.train import derive_seed
-
     cfg = config or SteppingConfig()
     budgets = check_budgets(budgets)
     input_shape = tuple(getattr(model, "dyninfer_config", {}).get("input_shape", train.input_shape))

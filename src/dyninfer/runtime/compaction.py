@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dyninfer.checks import check_input, check_subnet
+from dyninfer.runtime.session import Session
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.graph import CompactGraph
 
@@ -307,8 +308,6 @@ class CompactNet(nn.Module):
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet`` (see :class:`dyninfer.runtime.session.Session`)."""
-        from dyninfer.runtime.session import Session
-
         return Session(self, x, subnet)
 
     # ------------------------------------------------------------------ incremental steps

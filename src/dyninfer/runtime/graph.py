@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dyninfer.checks import check_input, check_subnet
+from dyninfer.runtime.session import Session
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 
 
@@ -225,8 +226,6 @@ class CompactGraph(nn.Module):
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet`` (see :class:`dyninfer.runtime.session.Session`)."""
-        from dyninfer.runtime.session import Session
-
         return Session(self, x, subnet)
 
     # ------------------------------------------------------------------ incremental steps
