@@ -10,7 +10,7 @@ it has now and, for incremental networks, steps up to a larger one reusing what 
 """
 
 from dyninfer import cost, data, export, models, report, runtime, train  # noqa: F401
-from dyninfer.methods import lcnet, nonuniform, stepping  # noqa: F401
+from dyninfer.methods import doubly_nested, lcnet, nonuniform, stepping  # noqa: F401
 from dyninfer.runs import load  # noqa: F401
 
 __version__ = "0.1.0"

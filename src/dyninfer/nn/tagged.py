@@ -110,6 +110,8 @@ class TaggedNet(nn.Module):
         for i, layer in enumerate(self.layers):
             self.register_buffer(f"alive_{i}", torch.ones_like(layer.weight, dtype=torch.bool))
         self.register_buffer("alive_cls", torch.ones_like(self.classifier.weight, dtype=torch.bool))
+        self.exits = nn.ModuleList()      # heads at earlier depths (add_exit); the classifier is the last
+        self.exit_nodes: list[int] = []   # the program node each head reads, in program order
 
     # ----------------------------------------------------------------- structure
     def _link(self, model: nn.Module) -> None:
@@ -364,25 +366,32 @@ class TaggedNet(nn.Module):
                 for g in range(self.num_groups)]
 
     # ----------------------------------------------------------------- cost
-    def subnet_macs(self, input_shape: Sequence[int] | None = None, subnet: int | None = None) -> int:
-        """Exact MACs of subnet k: live (causal, unpruned) weights of its rows x output positions.
+    def subnet_macs(self, input_shape: Sequence[int] | None = None, subnet: int | None = None,
+                    depth: int | None = None) -> int:
+        """Exact MACs of subnet k (at ``depth``, default the classifier): live (causal, unpruned)
+        weights of its rows x output positions, in the layers that depth needs, plus its head.
 
         Follows the :func:`dyninfer.cost.macs` protocol; pruned weights cost nothing.
         """
         if input_shape is not None and tuple(input_shape) != self.input_shape:
             raise ValueError(f"this network was built for input shape {self.input_shape}, got {tuple(input_shape)}")
         k = self._check_subnet(self.num_subnets if subnet is None else subnet)
-        total = 0
-        for i in range(self.num_hidden + 1):
-            cols = torch.nonzero(self.input_tags(i) <= k).squeeze(1)
-            if i == self.num_hidden:
-                total += int(self._mask_slice(i, None, cols).sum())
-            elif self.rule == "causal":  # columns with tag > k are masked already in rows <= k
-                total += int(self.weight_mask(i)[self.layer_tags(i) <= k].sum()) * self.out_positions[i]
-            else:
-                rows = torch.nonzero(self.layer_tags(i) <= k).squeeze(1)
-                total += int(self._mask_slice(i, rows, cols).sum()) * self.out_positions[i]
-        return total
+        d = self._check_depth(depth)
+        if d < self.num_depths:
+            needed = self._ancestors(self.exit_nodes[d - 1])
+            head = int((self._exit_tags(d) <= k).sum()) * self.exits[d - 1].weight.shape[0]
+            return head + sum(self._layer_macs(i, k) for i in range(self.num_hidden) if self.layer_node[i] in needed)
+        return sum(self._layer_macs(i, k) for i in range(self.num_hidden + 1))
+
+    def _layer_macs(self, i: int, k: int) -> int:
+        """MACs of hidden layer ``i`` (classifier: ``num_hidden``) in subnet ``k``."""
+        cols = torch.nonzero(self.input_tags(i) <= k).squeeze(1)
+        if i == self.num_hidden:
+            return int(self._mask_slice(i, None, cols).sum())
+        if self.rule == "causal":  # columns with tag > k are masked already in rows <= k
+            return int(self.weight_mask(i)[self.layer_tags(i) <= k].sum()) * self.out_positions[i]
+        rows = torch.nonzero(self.layer_tags(i) <= k).squeeze(1)
+        return int(self._mask_slice(i, rows, cols).sum()) * self.out_positions[i]
 
     def macs_per_subnet(self) -> list[int]:
         return [self.subnet_macs(subnet=k) for k in range(1, self.num_subnets + 1)]
@@ -415,15 +424,22 @@ class TaggedNet(nn.Module):
             weight = weight * mask
         return weight[:, cols] if rows is None else weight[rows][:, cols]
 
-    def _hidden(self, x: torch.Tensor, subnet: int, straight_through: bool, keep: bool):
-        """Run the program for ``subnet`` up to the classifier; returns its input features, their
-        columns, and (``keep``) every hidden layer's pre-activation and active rows."""
+    def _hidden(self, x: torch.Tensor, subnet: int, straight_through: bool, keep: bool, stop: int | None = None,
+                taps: dict | None = None):
+        """Run the program for ``subnet`` up to the classifier (or only what node ``stop`` needs);
+        returns the features there, their columns, and (``keep``) every hidden layer's
+        pre-activation and active rows. ``taps`` (node -> None) is filled with (value, columns)."""
         vals: list[torch.Tensor | None] = []
         active: list[torch.Tensor] = []  # per node: indices of its group's features present
         preacts: list[torch.Tensor] = [None] * self.num_hidden  # type: ignore[list-item]
         row_list: list[torch.Tensor] = [None] * self.num_hidden  # type: ignore[list-item]
+        needed = self._ancestors(stop) if stop is not None else None
         for j, node in enumerate(self.program):
             src = node.args[0] if node.args else None
+            if needed is not None and j not in needed:
+                vals.append(None)
+                active.append(None)  # type: ignore[arg-type]
+                continue
             if node.op == "input":
                 out, cols = x, torch.arange(x.shape[1], device=x.device)
             elif node.op == "layer":
@@ -453,7 +469,90 @@ class TaggedNet(nn.Module):
                 return vals[src], active[src], preacts, row_list
             vals.append(out)
             active.append(cols)
+            if taps is not None and j in taps:
+                taps[j] = (out, cols)
+            if j == stop:
+                return out, cols, preacts, row_list
         raise AssertionError("a program ends with its classifier")
+
+    def _ancestors(self, node: int) -> set[int]:
+        """Program nodes that node ``node`` depends on, itself included."""
+        seen, todo = set(), [node]
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo.extend(self.program[j].args)
+        return seen
+
+    # ----------------------------------------------------------------- depth exits
+    @property
+    def num_depths(self) -> int:
+        """Depth locations: every exit, then the classifier."""
+        return len(self.exits) + 1
+
+    def exit_candidates(self) -> list[int]:
+        """Nodes an exit can read: outputs of residual adds and of post ops after a layer (4-D features)."""
+        return [j for j, node in enumerate(self.program) if node.op in ("add", "map") and j != self.classifier_node]
+
+    def add_exit(self, after: int, num_classes: int | None = None) -> int:
+        """A classifier head on program node ``after``: global average pooling, then a Linear over
+        its channels whose outputs belong to every subnet (partial sums by tag, like the
+        classifier). Returns its depth (1-based, in program order)."""
+        if not isinstance(after, int) or not 0 < after < self.classifier_node or after in self.exit_nodes:
+            raise ValueError(f"an exit reads a program node in 1..{self.classifier_node - 1} that has none yet, "
+                             f"got {after!r}")
+        if self.node_group[after] < 0 or self.node_repeat[after] != 1:
+            raise ValueError(f"program node {after} ({self.program[after].op} {self.program[after].name!r}) is not "
+                             f"a tagged feature map an exit can pool")
+        width = self.group_widths[self.node_group[after]]
+        head = nn.Linear(width, num_classes or self.classifier.weight.shape[0]).to(self.classifier.weight.device)
+        order = sorted(self.exit_nodes + [after])
+        position = order.index(after)
+        self.exit_nodes.insert(position, after)
+        self.exits.insert(position, head)
+        return position + 1
+
+    def _check_depth(self, depth) -> int:
+        d = self.num_depths if depth is None else depth
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= self.num_depths:
+            raise ValueError(f"depth must be an int in 1..{self.num_depths}, got {depth!r}")
+        return d
+
+    @staticmethod
+    def _pool(value: torch.Tensor) -> torch.Tensor:
+        return value.mean(dim=(2, 3)) if value.dim() == 4 else value
+
+    def _exit_tags(self, d: int) -> torch.Tensor:
+        return self.tags(self.node_group[self.exit_nodes[d - 1]])
+
+    def forward_grid(self, x: torch.Tensor, *, straight_through: bool = False) -> list[list[torch.Tensor]]:
+        """``logits[d-1][k-1]`` of every (depth d, subnet k) from one pass of the largest subnet: each
+        exit's head (and the classifier) as partial sums over the features with tag <= k."""
+        if not self.incremental:
+            raise ValueError("forward_grid needs the causal rule with shared BatchNorm")
+        self._check_input(x)
+        n = self.num_subnets
+        taps: dict = {j: None for j in self.exit_nodes}
+        features, cols, _, _ = self._hidden(x, n, straight_through, keep=False, taps=taps)
+        grid = []
+        for d, j in enumerate(self.exit_nodes, start=1):
+            value, rows = taps[j]
+            grid.append(self._partial_sums(self._pool(value), self._exit_tags(d)[rows], self.exits[d - 1].weight[:, rows],
+                                           self.exits[d - 1].bias))
+        weight = self._effective_weight(self.num_hidden, straight_through, None, cols)
+        grid.append(self._partial_sums(features, self.input_tags(self.num_hidden)[cols], weight, self.classifier.bias))
+        return grid
+
+    def _partial_sums(self, features: torch.Tensor, tags: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> list[torch.Tensor]:
+        logits, running = [], bias
+        for k in range(1, self.num_subnets + 1):
+            sel = torch.nonzero(tags == k).squeeze(1)
+            part = F.linear(features[:, sel], weight[:, sel])
+            running = part + running if running is not None else part
+            logits.append(running)
+        return logits
 
     @staticmethod
     def _norm(norm: nn.Module, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -478,10 +577,17 @@ class TaggedNet(nn.Module):
                 norm.running_var[rows] = var
         return out
 
-    def forward(self, x: torch.Tensor, subnet: int | None = None, *, straight_through: bool = False) -> torch.Tensor:
-        """Logits of subnet ``subnet`` (1-based; default the largest), computed from scratch."""
+    def forward(self, x: torch.Tensor, subnet: int | None = None, *, depth: int | None = None,
+                straight_through: bool = False) -> torch.Tensor:
+        """Logits of subnet ``subnet`` (1-based; default the largest) at ``depth`` (default: the
+        classifier), computed from scratch; an earlier depth runs only the stages its exit needs."""
         k = self._check_subnet(self.num_subnets if subnet is None else subnet)
+        d = self._check_depth(depth)
         self._check_input(x)
+        if d < self.num_depths:
+            value, rows, _, _ = self._hidden(x, k, straight_through, keep=False, stop=self.exit_nodes[d - 1])
+            head = self.exits[d - 1]
+            return F.linear(self._pool(value), head.weight[:, rows], head.bias)
         features, cols, _, _ = self._hidden(x, k, straight_through, keep=False)
         weight = self._effective_weight(self.num_hidden, straight_through, None, cols)
         return F.linear(features, weight, self.classifier.bias)
@@ -530,6 +636,10 @@ class TaggedNet(nn.Module):
                     for p in (copy_k.weight, copy_k.bias):
                         if p is not None:
                             owned.append((p, own, 0))
+        for d, head in enumerate(self.exits, start=1):
+            owned.append((head.weight, self._exit_tags(d), 1))
+            if head.bias is not None:
+                owned.append((head.bias, torch.ones(1, dtype=torch.long, device=head.bias.device), 0))
         owned.append((self.classifier.weight, self.input_tags(self.num_hidden), 1))
         if self.classifier.bias is not None:
             owned.append((self.classifier.bias, torch.ones(1, dtype=torch.long, device=self.classifier.bias.device), 0))
@@ -594,7 +704,7 @@ class TaggedNet(nn.Module):
         return classifier
 
     @torch.no_grad()
-    def dense(self, subnet: int | None = None, *, fold_bn: bool = True) -> nn.Module:
+    def dense(self, subnet: int | None = None, *, depth: int | None = None, fold_bn: bool = True) -> nn.Module:
         """Subnet k as a plain torch module of its exact shapes (any rule; eval statistics).
 
         The once-for-all ``get_active_subnet(preserve_weight=True)`` step: sliced, masked
@@ -604,6 +714,9 @@ class TaggedNet(nn.Module):
         scriptable and exportable, no dyninfer needed to run it).
         """
         k = self._check_subnet(self.num_subnets if subnet is None else subnet)
+        d = self._check_depth(depth)
+        if d < self.num_depths:
+            return self._dense_graph(k, fold_bn, exit_depth=d)
         if self.chain:
             modules: list[nn.Module] = []
             cols = torch.arange(self.input_shape[0], device=self.alive_cls.device)
@@ -617,12 +730,18 @@ class TaggedNet(nn.Module):
             return nn.Sequential(*modules).eval()
         return self._dense_graph(k, fold_bn)
 
-    def _dense_graph(self, k: int, fold_bn: bool) -> fx.GraphModule:
+    def _dense_graph(self, k: int, fold_bn: bool, exit_depth: int | None = None) -> fx.GraphModule:
         root, graph = nn.Module(), fx.Graph()
         env: list = []
         active: list[torch.Tensor] = []
+        stop = self.exit_nodes[exit_depth - 1] if exit_depth is not None else None
+        needed = self._ancestors(stop) if stop is not None else None
         for j, node in enumerate(self.program):
             src = node.args[0] if node.args else None
+            if needed is not None and j not in needed:
+                env.append(None)
+                active.append(None)  # type: ignore[arg-type]
+                continue
             if node.op == "input":
                 env.append(graph.placeholder("x"))
                 active.append(torch.arange(self.input_shape[0], device=self.alive_cls.device))
@@ -656,6 +775,16 @@ class TaggedNet(nn.Module):
                 break
             env.append(value)
             active.append(cols)
+            if j == stop:  # an exit: pool, then its head over the subnet's channels
+                head = self.exits[exit_depth - 1]
+                exit_head = nn.Linear(len(cols), head.weight.shape[0]).to(head.weight.device)
+                exit_head.weight.copy_(head.weight[:, cols])
+                exit_head.bias.copy_(head.bias)
+                root.add_module("pool", nn.AdaptiveAvgPool2d(1))
+                root.add_module("classifier", exit_head)
+                pooled = graph.call_function(torch.flatten, (graph.call_module("pool", (value,)), 1))
+                graph.output(graph.call_module("classifier", (pooled,)))
+                break
         return fx.GraphModule(root, graph).eval()
 
 

@@ -1,0 +1,132 @@
+"""Doubly nested network: channel-causal groups, depth exits with a shared FC stage, the grid from
+one pass, exports, the MAC sanity check of the paper, and selection under limits."""
+
+import pytest
+import torch
+
+import dyninfer as dy
+from dyninfer.methods import doubly_nested as dn
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def net():
+    grid = dn.build(groups=4, depth=20, input_shape=SHAPE, seed=0)
+    grid.net.train()
+    with torch.no_grad():
+        grid.forward_grid(torch.randn(16, *SHAPE))  # BatchNorm statistics that are not the identity
+    grid.net.eval()
+    return grid
+
+
+def test_the_grid_has_an_exit_after_the_stem_and_every_block(net):
+    assert (net.num_depths, net.num_widths) == (1 + 9, 4)  # ResNet-20: stem + 8 exits + the classifier
+    macs = net.grid_macs()
+    assert all(a < b for row in macs for a, b in zip(row, row[1:]))  # wider costs more at every depth
+    assert all(macs[d][-1] < macs[d + 1][-1] for d in range(net.num_depths - 1))  # so does deeper
+
+
+def test_group_g_ignores_larger_groups(net):
+    x = torch.randn(3, *SHAPE)
+    before = [[z.clone() for z in row] for row in net.forward_grid(x)]
+    tagged = net.net
+    with torch.no_grad():
+        for i, layer in enumerate(tagged.layers):
+            layer.weight[tagged.layer_tags(i) > 2] += 1.0  # perturb every channel of groups 3 and 4
+        saved = [p.clone() for p in tagged.parameters()]
+    after = net.forward_grid(x)
+    for d in range(net.num_depths):
+        torch.testing.assert_close(after[d][1], before[d][1])  # width 2 reads groups 1..2 only
+        assert (after[d][3] - before[d][3]).abs().max() > 1e-4
+    with torch.no_grad():
+        for p, q in zip(tagged.parameters(), saved):
+            p.copy_(q)
+        for i, layer in enumerate(tagged.layers):
+            layer.weight[tagged.layer_tags(i) > 2] -= 1.0
+
+
+def test_sliced_cell_equals_the_grid_and_its_dense_module(net):
+    x = torch.randn(2, *SHAPE)
+    grid = net.forward_grid(x)
+    for d, c in [(1, 1), (4, 2), (net.num_depths, 4), (7, 3)]:
+        sliced = net(x, depth=d, width=c)
+        torch.testing.assert_close(sliced, grid[d - 1][c - 1], atol=1e-5, rtol=1e-4)
+        dense = net.dense(d, c)
+        torch.testing.assert_close(dense(x), sliced, atol=1e-5, rtol=1e-4)
+        assert dy.cost.flop_counter_macs(dense, SHAPE) == net.macs(d, c)  # reported = executed
+        assert net.causal_macs(d, c) <= net.macs(d, c)
+
+
+def test_widths_at_one_depth_share_the_fc_weights(net):
+    """(l, c) and (l, c+1) differ by exactly group c+1's FC share: the first c FCs are the same."""
+    x = torch.randn(2, *SHAPE)
+    d = 3
+    tagged = net.net
+    head = tagged.exits[d - 1]
+    with torch.no_grad():
+        head.weight[:, tagged._exit_tags(d) == 2] += 1.0  # only group 2's FC
+    try:
+        grid = net.forward_grid(x)
+        fresh = net(x, depth=d, width=1)
+        torch.testing.assert_close(grid[d - 1][0], fresh)
+    finally:
+        with torch.no_grad():
+            head.weight[:, tagged._exit_tags(d) == 2] -= 1.0
+
+
+def test_resnet32_mac_sanity_check_of_the_paper():
+    """A dense ResNet-32 is about 69 M MACs and its largest depth-only exit under 24 M MACs is D5."""
+    grid = dn.build(groups=4, depth=32, seed=0)
+    full = [grid.macs(d, 4) for d in range(1, grid.num_depths + 1)]
+    assert 68e6 < full[-1] < 70e6
+    assert max(d for d, m in enumerate(full, start=1) if m < 24e6) == 5
+
+
+def test_select_returns_the_best_feasible_cell():
+    table = [{"depth": 1, "width": 1, "macs": 10, "params": 5, "val_accuracy": 0.5},
+             {"depth": 2, "width": 1, "macs": 30, "params": 9, "val_accuracy": 0.7},
+             {"depth": 1, "width": 2, "macs": 25, "params": 20, "val_accuracy": 0.8},
+             {"depth": 2, "width": 2, "macs": 60, "params": 30, "val_accuracy": 0.9}]
+    grid = dn.build(groups=2, depth=20, input_shape=SHAPE, seed=0)
+    assert grid.select(max_macs=30, table=table) == (1, 2)
+    assert grid.select(max_macs="30", max_params=10, table=table) == (2, 1)
+    assert grid.select(table=table) == (2, 2)
+    for limit in (0, 5):
+        with pytest.raises(ValueError, match="no \\(depth, width\\) fits"):
+            grid.select(max_macs=limit, table=table)
+    with pytest.raises(ValueError, match="known unit"):
+        grid.select(max_macs="24 parsecs", table=table)
+    with pytest.raises(ValueError, match=">= 0"):
+        grid.select(max_memory=-1, table=table)
+    with pytest.raises(ValueError, match="validate"):
+        grid.select(max_macs=10, table=[{k: v for k, v in table[0].items() if k != "val_accuracy"}])
+    assert dn.parse_limit("24M", "x") == 24e6 and dn.parse_limit("1MB", "x") == 1024 ** 2
+
+
+def test_build_rejects_widths_the_groups_do_not_divide():
+    with pytest.raises(ValueError, match="multiple of groups=3"):
+        dn.build(groups=3, depth=20, input_shape=SHAPE)
+
+
+def test_joint_training_lowers_the_grid_loss_and_the_frontier_follows_validation():
+    data = dy.data.synthetic(128, SHAPE, seed=0)
+    grid = dn.build(groups=2, depth=20, input_shape=SHAPE, seed=0)
+    x, y = next(data.batches(128))
+    grid.net.eval()
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(torch.nn.functional.cross_entropy(z, y) for row in grid.forward_grid(x) for z in row).item()
+
+    before = mean_loss()
+    dn.train(grid, data, dn.DoublyNestedConfig(steps=15, batch_size=32, lr=0.05))
+    assert mean_loss() < before
+    assert grid.frontier() == [(grid.num_depths, 1), (grid.num_depths, 2)]  # before validation
+    grid.validate(data)
+    frontier = grid.frontier()
+    macs = [grid.macs(*cell) for cell in frontier]
+    accs = [grid.val_accuracy[d - 1][c - 1] for d, c in frontier]
+    assert macs == sorted(macs) and all(a < b for a, b in zip(accs, accs[1:]))
+    assert grid.num_subnets == len(frontier) and len(grid.mac_fractions()) == len(frontier)
+    torch.testing.assert_close(grid(x, subnet=1), grid(x, depth=frontier[0][0], width=frontier[0][1]))
