@@ -3,6 +3,9 @@ one pass, exports, the MAC sanity check of the paper, and selection under limits
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 import dyninfer as dy
 from dyninfer.methods import doubly_nested as dn
@@ -130,3 +133,36 @@ def test_joint_training_lowers_the_grid_loss_and_the_frontier_follows_validation
     assert macs == sorted(macs) and all(a < b for a, b in zip(accs, accs[1:]))
     assert grid.num_subnets == len(frontier) and len(grid.mac_fractions()) == len(frontier)
     torch.testing.assert_close(grid(x, subnet=1), grid(x, depth=frontier[0][0], width=frontier[0][1]))
+
+
+@settings(max_examples=10, deadline=None)
+@given(moves=st.lists(st.sampled_from(["deeper", "wider"]), max_size=8), seed=st.integers(0, 1000))
+def test_deeper_and_wider_equal_computing_from_scratch(net, moves, seed):
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    run = net.start(x, depth=1, width=1)
+    for move in moves:
+        at_edge = (run.depth == net.num_depths) if move == "deeper" else (run.width == net.num_widths)
+        if at_edge:
+            with pytest.raises(RuntimeError, match="already"):
+                getattr(run, move)()
+            continue
+        getattr(run, move)()
+        torch.testing.assert_close(run.logits, net(x, depth=run.depth, width=run.width), atol=1e-5, rtol=1e-4)
+
+
+def test_a_session_executes_only_the_new_cells(net):
+    """Counted by FlopCounterMode: wider costs the causal increment; deeper costs it plus the new
+    exit's head over the groups already computed (the old depth's head is not reused)."""
+    x = torch.randn(1, *SHAPE)
+    state = {}
+
+    def executed(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops() // 2
+
+    assert executed(lambda: state.setdefault("run", net.start(x, depth=3, width=2))) == net.causal_macs(3, 2)
+    assert executed(lambda: state["run"].wider()) == net.causal_macs(3, 3) - net.causal_macs(3, 2)
+    old_head = int((net.net._exit_tags(3) <= 3).sum()) * 10  # depth 3's head over groups 1..3, 10 classes
+    assert executed(lambda: state["run"].deeper()) == net.causal_macs(4, 3) - net.causal_macs(3, 3) + old_head

@@ -40,6 +40,8 @@ from dyninfer import cost, models
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
 from dyninfer.nn.tagged import TaggedNet
+from dyninfer.runtime.compaction import cached_compact
+from dyninfer.runtime.graph import GridSession
 
 __all__ = ["DoublyNestedConfig", "DoublyNestedNet", "build", "train", "parse_limit"]
 
@@ -141,6 +143,16 @@ class DoublyNestedNet(nn.Module):
             with torch.no_grad():
                 head.weight.div_(width)
         return module
+
+    def compact(self):
+        """The inference form (channels by group, BN folded, step blocks, exit heads), cached."""
+        return cached_compact(self)
+
+    def start(self, x: torch.Tensor, depth: int = 1, width: int = 1) -> GridSession:
+        """An anytime session at (depth, width): ``deeper()`` / ``wider()`` compute only new cells."""
+        if self.combine != "sum":
+            raise ValueError("grid sessions add partial sums: they need combine='sum'")
+        return self.compact().start_grid(x, depth, width)
 
     # ------------------------------------------------------------------ resources and selection
     @torch.no_grad()

@@ -33,7 +33,7 @@ from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet
-from dyninfer.runtime.compaction import compact
+from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
 from dyninfer.train import FrozenTeacher, derive_seed, kd_loss as shared_kd_loss
 
@@ -333,10 +333,7 @@ class SteppingNet(TaggedSubnets, nn.Module):
 
     def compact(self):
         """The inference form: channels sorted by tag, dense per-step blocks, BN folded (cached)."""
-        key = _state_key(self.net)
-        if getattr(self, "_compact_key", None) != key:
-            self._compact, self._compact_key = compact(self.net), key
-        return self._compact
+        return cached_compact(self)
 
     def retrain(self, train: ImageSet, teacher: nn.Module | None = None, *, epochs: int | None = None,
                 test: ImageSet | None = None, config: SteppingConfig | None = None,
@@ -423,10 +420,6 @@ class SteppingNet(TaggedSubnets, nn.Module):
     def load(cls, path: str | Path) -> "SteppingNet":
         net, meta = load_tagged(path, "stepping")
         return cls(net, meta["budgets"], meta["reference_macs"], SteppingConfig(**meta["config"]), meta.get("history"))
-
-
-def _state_key(net: nn.Module) -> tuple:
-    return tuple((k, v.data_ptr(), v._version) for k, v in net.state_dict().items())
 
 
 # ---------------------------------------------------------------------------- construction

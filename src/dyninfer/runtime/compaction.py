@@ -434,6 +434,19 @@ def compact(net: TaggedNet, *, channels_last: bool | None = None, cache: str = "
                       channels_last=channels_last, cache=cache)
 
 
+def state_key(module: nn.Module) -> tuple:
+    """Changes whenever any parameter or buffer of ``module`` is replaced or written in place."""
+    return tuple((k, v.data_ptr(), v._version) for k, v in module.state_dict().items())
+
+
+def cached_compact(owner) -> CompactNet | CompactGraph:
+    """``compact(owner.net)``, kept on ``owner`` until its weights, tags or statistics change."""
+    key = state_key(owner.net)
+    if getattr(owner, "_compact_key", None) != key:
+        owner._compact, owner._compact_key = compact(owner.net), key
+    return owner._compact
+
+
 def as_compact(net) -> CompactNet:
     """The inference form of a SteppingNet, TaggedNet, CompactNet or CompactGraph (cached by SteppingNet)."""
     if isinstance(net, (CompactNet, CompactGraph)):

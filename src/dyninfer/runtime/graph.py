@@ -101,6 +101,18 @@ class CompactGraph(nn.Module):
             self.cls_prefix = [cls[:, :in_bounds[s]].contiguous() for s in range(1, n + 1)]
             self.cls_bias = net.classifier.bias.detach().clone() if net.classifier.bias is not None else None
         self.maps = [m for m in net.maps]
+        # depth exits: the node each reads and its head's columns in the node's group order, per step
+        self.node_group = list(net.node_group)
+        self.exit_nodes = list(net.exit_nodes)
+        self.exit_steps_t, self.exit_bias = [], []
+        with torch.no_grad():
+            for d, j in enumerate(net.exit_nodes):
+                g = net.node_group[j]
+                head = net.exits[d]
+                w = head.weight[:, orders[g]]
+                b = bounds[g]
+                self.exit_steps_t.append([w[:, b[s - 1]:b[s]].t().contiguous() for s in range(1, n + 1)])
+                self.exit_bias.append(head.bias.detach().clone())
         self._density = density_num / max(density_den, 1)
         # nodes whose outputs a later layer reads in full: the only ones a session caches
         self._cached = sorted({node.args[0] for node in self.program if node.op == "layer"})
@@ -224,6 +236,10 @@ class CompactGraph(nn.Module):
                 vals.append(self._map(node, vals[node.args[0]]))
         raise AssertionError("a program ends with its classifier")
 
+    def start_grid(self, x: torch.Tensor, depth: int | None = None, width: int = 1) -> "GridSession":
+        """A session over (depth, width): ``deeper()`` and ``wider()`` compute only what is new."""
+        return GridSession(self, x, depth, width)
+
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet`` (see :class:`dyninfer.runtime.session.Session`)."""
         return Session(self, x, subnet)
@@ -269,3 +285,119 @@ class CompactGraph(nn.Module):
             if value is not None and j in self._cached:
                 cache[j] = value if j not in cache else torch.cat([cache[j], value], dim=1)
         raise AssertionError("a program ends with its classifier")
+
+
+class GridSession:
+    """Anytime inference along both axes of a causal network with exits (doubly nested).
+
+    The cache holds, per program node, the channels of groups 1..have[node] computed so far (sorted
+    by tag, contiguous). ``wider()`` computes group c+1 of every node up to the current depth;
+    ``deeper()`` the next depth's nodes at groups 1..c. Each (node, group) cell is computed once,
+    from cached inputs, with the step block of that group, so any path through the grid costs
+    the cells it reaches and nothing twice. Logits at (depth, width) are the head's partial sums.
+    """
+
+    def __init__(self, cnet: CompactGraph, x: torch.Tensor, depth: int | None, width: int):
+        cnet._check_input(x)
+        self.net = cnet
+        self.num_depths = len(cnet.exit_nodes) + 1
+        self.depth = self.num_depths if depth is None else depth
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 1 <= self.depth <= self.num_depths:
+            raise ValueError(f"depth must be an int in 1..{self.num_depths}, got {depth!r}")
+        self.width = check_subnet(width, cnet.num_subnets)
+        self._x = x.contiguous(memory_format=torch.channels_last) if cnet.channels_last else x
+        n = len(cnet.program)
+        self._have = [0] * n
+        self._cache: list[torch.Tensor | None] = [None] * n
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}
+        self._ensure_cell(self.depth, self.width)
+
+    # ------------------------------------------------------------------ moves
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._logits[(self.depth, self.width)]
+
+    def wider(self) -> torch.Tensor:
+        if self.width >= self.net.num_subnets:
+            raise RuntimeError(f"already at the widest ({self.net.num_subnets} groups)")
+        self.width += 1
+        self._ensure_cell(self.depth, self.width)
+        return self.logits
+
+    def deeper(self) -> torch.Tensor:
+        if self.depth >= self.num_depths:
+            raise RuntimeError(f"already at the deepest ({self.num_depths} depths)")
+        self.depth += 1
+        self._ensure_cell(self.depth, self.width)
+        return self.logits
+
+    # ------------------------------------------------------------------ cells
+    def _bounds(self, j: int) -> list[int]:
+        g = self.net.node_group[j]
+        if g < 0:
+            c = self.net.input_shape[0]
+            return [0] + [c] * self.net.num_subnets
+        return self.net.group_bounds[g]
+
+    def _group(self, j: int, t: int) -> torch.Tensor | None:
+        """Group t's channels at node j (computing what is missing); None when the group is empty."""
+        self._ensure(j, t)
+        b = self._bounds(j)
+        if b[t] == b[t - 1]:
+            return None
+        return self._cache[j][:, b[t - 1]:b[t]]
+
+    @torch.no_grad()
+    def _ensure(self, j: int, s: int) -> None:
+        net, node = self.net, self.net.program[j]
+        while self._have[j] < s:
+            t = self._have[j] + 1
+            if node.op == "input":
+                new = self._x if t == 1 else None
+            elif node.op == "layer":
+                i, src = node.index, node.args[0]
+                self._ensure(src, t)
+                weight = net.step_w[i][t - 1]
+                inp = self._cache[src]
+                new = None if weight.shape[0] == 0 else net._layer(i, inp[:, :self._bounds(src)[t]].contiguous(
+                    memory_format=torch.channels_last) if inp.dim() == 4 and net.channels_last else
+                    inp[:, :self._bounds(src)[t]], weight, net.step_b[i][t - 1])
+            elif node.op == "add":
+                a, b = (self._group(k, t) for k in node.args)
+                new = None if a is None else a + b
+            else:  # map / flatten
+                part = self._group(node.args[0], t)
+                new = None if part is None else net._map(node, part)
+            if new is not None:
+                self._cache[j] = new if self._cache[j] is None else torch.cat([self._cache[j], new], dim=1)
+            self._have[j] = t
+
+    @torch.no_grad()
+    def _ensure_cell(self, depth: int, width: int) -> None:
+        """Logits of (depth, width), from (depth, width - 1)'s plus group ``width``'s share."""
+        if (depth, width) in self._logits:
+            return
+        if width > 1:
+            self._ensure_cell(depth, width - 1)
+        net = self.net
+        if depth < self.num_depths:
+            j = net.exit_nodes[depth - 1]
+            part = self._group(j, width)
+            features = None if part is None else (part.mean(dim=(2, 3)) if part.dim() == 4 else part)
+            weight, bias = net.exit_steps_t[depth - 1][width - 1], net.exit_bias[depth - 1]
+        else:
+            src = net.program[-1].args[0] if net.program[-1].op == "classifier" else None
+            src = next(node.args[0] for node in net.program if node.op == "classifier") if src is None else src
+            part = self._group(src, width)
+            features = part
+            weight, bias = net.cls_steps_t[width - 1], net.cls_bias
+        previous = self._logits.get((depth, width - 1))
+        batch = self._x.shape[0]
+        if features is None:
+            logits = previous if previous is not None else (bias if bias is not None else torch.zeros(
+                weight.shape[1])).expand(batch, -1).clone()
+        elif previous is not None:
+            logits = torch.addmm(previous, features, weight)
+        else:
+            logits = torch.addmm(bias, features, weight) if bias is not None else features @ weight
+        self._logits[(depth, width)] = logits
