@@ -166,3 +166,52 @@ def test_a_session_executes_only_the_new_cells(net):
     assert executed(lambda: state["run"].wider()) == net.causal_macs(3, 3) - net.causal_macs(3, 2)
     old_head = int((net.net._exit_tags(3) <= 3).sum()) * 10  # depth 3's head over groups 1..3, 10 classes
     assert executed(lambda: state["run"].deeper()) == net.causal_macs(4, 3) - net.causal_macs(3, 3) + old_head
+
+
+def test_anytime_stopping_reuses_the_session_and_costs_what_it_says(net):
+    net.val_accuracy = [[0.1 * d + 0.01 * c for c in range(1, 5)] for d in range(1, net.num_depths + 1)]
+    path = net.path()
+    assert path[0] == (1, 1) and path[-1] == (net.num_depths, 4)
+    x = torch.randn(6, *SHAPE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        grid = net.forward_grid(x)
+    confidences = [torch.softmax(grid[d - 1][c - 1], 1).max(1).values for d, c in path]
+    threshold = float(confidences[0].median())  # half the inputs stop at once, the others go on
+    pred, stop, macs = net.predict_anytime(x, threshold, path)
+    assert len(set(stop.tolist())) > 1
+    for i in range(6):
+        d, c = path[int(stop[i])]
+        assert int(pred[i]) == int(grid[d - 1][c - 1][i].argmax())
+        first = next(s for s, conf in enumerate(confidences) if conf[i] >= threshold) if any(
+            conf[i] >= threshold for conf in confidences) else len(path) - 1
+        assert int(stop[i]) == first
+    one = x[:1]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, stop1, macs1 = net.predict_anytime(one, threshold, path)
+    assert counter.get_total_flops() // 2 == int(macs1[0]) == net.path_costs(path)[int(stop1[0])]
+    with pytest.raises(ValueError, match="one deeper\\(\\) or one wider\\(\\)"):
+        net.predict_anytime(x, 0.5, [(1, 1), (2, 2)])
+
+
+def test_calibration_meets_the_average_budget():
+    data = dy.data.synthetic(96, SHAPE, seed=2)
+    grid = dn.build(groups=2, depth=20, input_shape=SHAPE, seed=1)
+    dn.train(grid, data, dn.DoublyNestedConfig(steps=10, batch_size=32, lr=0.05))
+    grid.validate(data)
+    path = grid.path()
+    costs = grid.path_costs(path)
+    budget = (costs[0] + costs[-1]) / 2
+    threshold = grid.calibrate(data, budget, path)
+    x = torch.cat([xb for xb, _ in data.batches(96)])
+    assert float(grid.predict_anytime(x, threshold, path)[2].float().mean()) <= budget
+    with pytest.raises(ValueError, match="below the path's first cell"):
+        grid.calibrate(data, costs[0] - 1, path)
+
+
+def test_save_and_load_round_trip(net, tmp_path):
+    net.save(tmp_path / "dnn")
+    again = dn.DoublyNestedNet.load(tmp_path / "dnn")
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(again(x, depth=4, width=3), net(x, depth=4, width=3))
+    assert again.val_accuracy == net.val_accuracy

@@ -27,15 +27,18 @@ leaves open, made here:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dyninfer import checkpoint as ckpt
 from dyninfer import cost, models
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
@@ -67,7 +70,7 @@ class DoublyNestedConfig(BaselineConfig):
 class DoublyNestedNet(nn.Module):
     """An anytime grid: ``net(x, depth=l, width=c)``; ``forward_grid(x)`` gives every (l, c) at once."""
 
-    def __init__(self, net: TaggedNet, reference_macs: int, combine: str = "sum"):
+    def __init__(self, net: TaggedNet, reference_macs: int, combine: str = "sum", spec: dict | None = None):
         super().__init__()
         if not net.incremental or not net.exits:
             raise ValueError("a doubly nested network needs a causal tagged net with depth exits (use build())")
@@ -79,6 +82,7 @@ class DoublyNestedNet(nn.Module):
         self.val_accuracy: list[list[float]] | None = None
         self.history: dict = {}
         self._dense_macs: dict[tuple[int, int], int] = {}  # fixed tags: the structure never changes
+        self.spec = dict(spec or {})  # build() arguments, so load() can rebuild the structure
 
     # ------------------------------------------------------------------ the grid
     @property
@@ -216,6 +220,127 @@ class DoublyNestedNet(nn.Module):
         best = max(feasible, key=lambda r: (r["val_accuracy"], -r["macs"]))
         return best["depth"], best["width"]
 
+    # ------------------------------------------------------------------ per-input anytime stopping
+    def path(self, val_accuracy: list[list[float]] | None = None) -> list[tuple[int, int]]:
+        """A staircase from (1, 1) to the full net through the grid, one deeper() or wider() at a
+        time: each move the one with the larger validation accuracy gain per causal MAC added."""
+        acc = val_accuracy or self.val_accuracy
+        if acc is None:
+            raise ValueError("path needs validation accuracies: call net.validate(held_out) first")
+        d, c, cells = 1, 1, [(1, 1)]
+        while (d, c) != (self.num_depths, self.num_widths):
+            moves = [(d + 1, c)] if d < self.num_depths else []
+            moves += [(d, c + 1)] if c < self.num_widths else []
+
+            def gain(cell):
+                extra = max(1, self.causal_macs(*cell) - self.causal_macs(d, c))
+                return (acc[cell[0] - 1][cell[1] - 1] - acc[d - 1][c - 1]) / extra
+
+            d, c = max(moves, key=gain)
+            cells.append((d, c))
+        return cells
+
+    @torch.no_grad()
+    def predict_anytime(self, x: torch.Tensor, threshold: float,
+                        path: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per input, walk ``path`` with one real session, stopping at the first cell whose softmax
+        confidence reaches ``threshold``; inputs that stop leave the batch, so only the rest pay for
+        later cells. Returns (predictions, the cell index each stopped at, executed MACs per input)."""
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        self._check_path(path)
+        cost = self.path_costs(path)
+        n = x.shape[0]
+        pred = torch.empty(n, dtype=torch.long)
+        stop = torch.full((n,), len(path) - 1, dtype=torch.long)
+        alive = torch.arange(n)
+        run = self.start(x, *path[0])
+        for step, cell in enumerate(path):
+            if step:
+                run.deeper() if cell[0] > path[step - 1][0] else run.wider()
+            confidence, label = torch.softmax(run.logits, dim=1).max(dim=1)
+            done = confidence >= threshold if step < len(path) - 1 else torch.ones_like(confidence, dtype=torch.bool)
+            pred[alive[done]] = label[done]
+            stop[alive[done]] = step
+            if bool(done.all()):
+                break
+            keep = torch.nonzero(~done).squeeze(1)
+            run.keep(keep)
+            alive = alive[keep]
+        return pred, stop, torch.tensor(cost)[stop]
+
+    def path_costs(self, path: Sequence[tuple[int, int]]) -> list[int]:
+        """MACs an input has executed when it stops at each cell of ``path`` (every cell computed
+        once; each depth's exit head paid when that depth is visited)."""
+        self._check_path(path)
+        costs, total = [], 0
+        for step, cell in enumerate(path):
+            if step == 0:
+                total = self.causal_macs(*cell)
+            else:
+                prev = path[step - 1]
+                total += self.causal_macs(*cell) - self.causal_macs(*prev)
+                if cell[0] > prev[0] and prev[0] < self.num_depths:  # the abandoned head stays paid
+                    total += self._head_macs(*prev)
+            costs.append(total)
+        return costs
+
+    def _head_macs(self, depth: int, width: int) -> int:
+        if depth == self.num_depths:
+            return 0
+        return int((self.net._exit_tags(depth) <= width).sum()) * self.net.exits[depth - 1].weight.shape[0]
+
+    def _check_path(self, path: Sequence[tuple[int, int]]) -> None:
+        cells = [tuple(cell) for cell in path]
+        if not cells or any(not (1 <= d <= self.num_depths and 1 <= c <= self.num_widths) for d, c in cells):
+            raise ValueError(f"a path is a non-empty list of (depth, width) cells of the {self.num_depths} x "
+                             f"{self.num_widths} grid")
+        for (d0, c0), (d1, c1) in zip(cells, cells[1:]):
+            if (d1 - d0, c1 - c0) not in ((1, 0), (0, 1)):
+                raise ValueError(f"a path moves one deeper() or one wider() at a time; ({d0}, {c0}) -> ({d1}, {c1})")
+
+    @torch.no_grad()
+    def calibrate(self, val: ImageSet, budget_macs: float, path: Sequence[tuple[int, int]],
+                  batch_size: int = 512) -> float:
+        """The lowest confidence threshold whose average executed MACs on ``val`` fit ``budget_macs``
+        (bisection; a lower threshold stops earlier and costs less)."""
+        if budget_macs < self.path_costs(path)[0]:
+            raise ValueError(f"budget {budget_macs:,.0f} MACs is below the path's first cell "
+                             f"({self.path_costs(path)[0]:,} MACs)")
+        x = torch.cat([xb for xb, _ in val.batches(batch_size)])
+
+        def average(threshold: float) -> float:
+            return float(self.predict_anytime(x, threshold, path)[2].float().mean())
+
+        lo, hi = 0.0, 1.0
+        if average(hi) <= budget_macs:
+            return hi
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if average(mid) <= budget_macs else (lo, mid)
+        return lo
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        meta = {"kind": "doubly-nested", "spec": self.spec, "combine": self.combine,
+                "reference_macs": self.reference_macs, "val_accuracy": self.val_accuracy,
+                "history": self.history, **(extra or {})}
+        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save(path, tensors, json.loads(json.dumps(meta, default=str)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DoublyNestedNet":
+        tensors, meta = ckpt.load(path)
+        if meta.get("kind") != "doubly-nested":
+            raise ValueError(f"{path} is not a doubly nested checkpoint (kind={meta.get('kind')!r})")
+        net = build(**meta["spec"], combine=meta["combine"])
+        net.net.load_state_dict(tensors)
+        net.net.eval()
+        net.val_accuracy = meta.get("val_accuracy")
+        net.history = meta.get("history") or {}
+        return net
+
     # ------------------------------------------------------------------ the common face
     def frontier(self) -> list[tuple[int, int]]:
         """(depth, width) cells in rising MACs, each more accurate (by validation) than every cheaper
@@ -281,7 +406,9 @@ def build(num_classes: int = 10, groups: int = 4, depth: int = 32, input_shape: 
     net.set_prefix_tags([[w * k // groups for w in widths] for k in range(1, groups + 1)])
     for node in _block_outputs(net):
         net.add_exit(node)
-    return DoublyNestedNet(net, reference, combine)
+    spec = {"num_classes": num_classes, "groups": groups, "depth": depth, "input_shape": list(input_shape),
+            "expansion": expansion}
+    return DoublyNestedNet(net, reference, combine, spec)
 
 
 def train(net: DoublyNestedNet, train_set: ImageSet, config: DoublyNestedConfig | None = None) -> DoublyNestedNet:

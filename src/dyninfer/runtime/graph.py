@@ -331,6 +331,13 @@ class GridSession:
         self._ensure_cell(self.depth, self.width)
         return self.logits
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these inputs (indices into the current batch): the rest stopped early, so
+        later cells are computed for the remaining ones alone."""
+        self._x = self._x[rows]
+        self._cache = [None if t is None else t[rows] for t in self._cache]
+        self._logits = {k: v[rows] for k, v in self._logits.items()}
+
     # ------------------------------------------------------------------ cells
     def _bounds(self, j: int) -> list[int]:
         g = self.net.node_group[j]
