@@ -1,6 +1,8 @@
 """Doubly nested network: channel-causal groups, depth exits with a shared FC stage, the grid from
 one pass, exports, the MAC sanity check of the paper, and selection under limits."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -215,3 +217,25 @@ def test_save_and_load_round_trip(net, tmp_path):
     x = torch.randn(2, *SHAPE)
     torch.testing.assert_close(again(x, depth=4, width=3), net(x, depth=4, width=3))
     assert again.val_accuracy == net.val_accuracy
+
+
+def test_cli_train_table_select(tmp_path, capsys):
+    from dyninfer.cli import main
+
+    out = tmp_path / "dnn"
+    assert main(["dnn", "train", "--depth", "20", "--groups", "2", "--data", "digits", "--steps", "4",
+                 "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    assert (out / "grid_val_accuracy.png").stat().st_size > 1000 and (out / "grid.csv").exists()
+    assert isinstance(dy.load(out), dn.DoublyNestedNet)
+    capsys.readouterr()
+    assert main(["dnn", "select", str(out), "--max-macs", "0.2M"]) == 0
+    chosen = capsys.readouterr().out
+    depth, width = (int(v) for v in chosen.split(":")[0].replace("depth", "").replace("width", "").split(","))
+    rows = json.loads((out / "grid.json").read_text())["rows"]
+    feasible = [r for r in rows if r["macs"] <= 0.2e6]
+    assert max(r["val_accuracy"] for r in feasible) == next(
+        r["val_accuracy"] for r in rows if (r["depth"], r["width"]) == (depth, width))
+    assert main(["dnn", "select", str(out), "--max-ms", "1"]) == 2  # no latency measured yet
+    assert "--latency" in capsys.readouterr().err
+    assert main(["dnn", "select", str(out), "--max-memory=-1MB"]) == 2
+    assert ">= 0" in capsys.readouterr().err

@@ -19,8 +19,8 @@ import torch
 from dyninfer import argtypes, runs
 from dyninfer.methods.registry import DEFAULT_EXPANSION
 
-COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands", "dyninfer.runtime.commands",
-                   "dyninfer.compare_commands")
+COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands",
+                   "dyninfer.methods.doubly_nested_commands", "dyninfer.runtime.commands", "dyninfer.compare_commands")
 
 
 class CLIError(Exception):
@@ -151,6 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     meta = _read_run(run)
     if meta["kind"] in ("lcnet", "nonuniform"):
         raise CLIError(f"{run} is a {meta['kind']} run; evaluate it with `dyninfer {meta['kind']} eval {run}`")
+    if meta["kind"] == "doubly-nested":
+        raise CLIError(f"{run} is a doubly nested run; see `dyninfer dnn table {run}` and `dyninfer dnn select {run}`")
     _, test_set = _load_data(meta["data"], args.data_root or meta.get("data_root"))
     if meta["kind"] == "train":
         model, _ = _load_trained(run)

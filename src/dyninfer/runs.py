@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dyninfer import checkpoint, models
-from dyninfer.methods import lcnet, nonuniform, stepping
+from dyninfer.methods import doubly_nested, lcnet, nonuniform, stepping
 
 __all__ = ["KINDS", "write_meta", "read_meta", "load"]
 
 # kind -> the command that makes it (for error messages)
 KINDS = {"train": ("dyninfer train",), "stepping": ("dyninfer construct", "dyninfer demo"),
-         "lcnet": ("dyninfer lcnet train",), "nonuniform": ("dyninfer nonuniform train",)}
+         "lcnet": ("dyninfer lcnet train",), "nonuniform": ("dyninfer nonuniform train",),
+         "doubly-nested": ("dyninfer dnn train",)}
 
 
 def _made_by(kinds: Sequence[str]) -> str:
@@ -57,8 +58,8 @@ def read_meta(run: str | Path, kind: str | Sequence[str] | None = None) -> dict:
 
 
 def load(run: str | Path) -> Any:
-    """The trained object of any run directory: a model (train), a SteppingNet, an LC-Net or a
-    non-uniform net, in eval mode."""
+    """The trained object of any run directory: a model (train), a SteppingNet, an LC-Net, a
+    non-uniform net or a doubly nested net, in eval mode."""
     run = Path(run)
     meta = read_meta(run, tuple(KINDS))
     kind = meta["kind"]
@@ -68,6 +69,8 @@ def load(run: str | Path) -> Any:
         return nonuniform.NonUniformNet.load(run / "nonuniform")
     if kind == "lcnet":
         return lcnet.load(run / "model")
+    if kind == "doubly-nested":
+        return doubly_nested.DoublyNestedNet.load(run / "dnn")
     model = models.create(meta["model"], num_classes=meta["num_classes"], expansion=meta["expansion"],
                           input_shape=tuple(meta["input_shape"]))
     checkpoint.load_model(run / "model", model)

@@ -447,7 +447,7 @@ def parse_limit(value: float | str | None, name: str) -> float | None:
     if isinstance(value, (int, float)):
         number = float(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if match is None or unit not in UNITS:
             raise ValueError(f"{name}={value!r} is not a number with a known unit ({', '.join(u for u in UNITS if u)})")
