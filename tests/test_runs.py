@@ -35,3 +35,13 @@ def test_bad_run_directories_are_named(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"model": "lenet-5"}))
     with pytest.raises(ValueError, match="no 'kind'"):
         dy.load(tmp_path)
+
+
+def test_train_with_one_seed_twice_gives_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert main(["train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--seed", "3",
+                     "--out", str(tmp_path / name), "--quiet"]) == 0
+    a, b = (load_file(str(next((tmp_path / n).glob("model*.safetensors")))) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dyninfer import models, train
 
     train_set, test_set = _load_data(args.data, args.data_root)
+    torch.manual_seed(args.seed)  # before the model is built: its initial weights follow the seed
     model = models.create(args.model, num_classes=train_set.num_classes, expansion=args.expansion,
                           input_shape=train_set.input_shape)
     config = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
@@ -65,7 +66,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                label_smoothing=args.label_smoothing, warmup_steps=args.warmup_steps,
                                progress=not args.quiet)
     out = Path(args.out)
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
     history = train.fit(model, train_set, config, test=test_set, out=out)
     seconds = time.perf_counter() - start
