@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from dyninfer import checkpoint, models
 from dyninfer.methods import doubly_nested, lcnet, nonuniform, stepping
 
-__all__ = ["KINDS", "write_meta", "read_meta", "load"]
+__all__ = ["KINDS", "prepare_out", "write_meta", "read_meta", "load"]
 
 # kind -> the command that makes it (for error messages)
 KINDS = {"train": ("dyninfer train",), "stepping": ("dyninfer construct", "dyninfer demo"),
@@ -24,6 +24,21 @@ KINDS = {"train": ("dyninfer train",), "stepping": ("dyninfer construct", "dynin
 
 def _made_by(kinds: Sequence[str]) -> str:
     return " or ".join(f"`{command}`" for k in kinds for command in KINDS.get(k, (k,)))
+
+
+def prepare_out(out: str | Path, flag: str = "--out") -> Path:
+    """The output folder, created if needed and checked writable before any work starts."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} exists and is not a directory")
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be created or written ({err.strerror})") from None
+    return path
 
 
 def write_meta(out: str | Path, meta: dict) -> Path:

@@ -72,19 +72,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_select)
 
 
-def _out_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out} cannot be written ({err.strerror})") from None
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    out = _out_dir(args.out)
+    out = runs.prepare_out(args.out)
     config = dn.DoublyNestedConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                    combine=args.combine, sample=args.sample, progress=not args.quiet)
     full_train, test_set = data_module.load(args.data, root=args.data_root)

@@ -65,23 +65,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _out_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out} cannot be created ({err.strerror})") from None
-    probe = out / ".write-test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out} is not writable ({err.strerror})") from None
-    return out
-
-
 def _load(run: str) -> tuple[nonuniform.NonUniformNet, dict]:
     meta = runs.read_meta(run, "nonuniform")
     return nonuniform.NonUniformNet.load(Path(run) / "nonuniform"), meta
@@ -120,7 +103,7 @@ def plot_widths(net: nonuniform.NonUniformNet, path: str | Path) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    out = _out_dir(args.out)  # before any work
+    out = runs.prepare_out(args.out)  # before any work
     if args.model not in models.list_models():
         raise ValueError(f"unknown model {args.model!r}; available: {', '.join(models.list_models())}")
     config = nonuniform.NonUniformConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
