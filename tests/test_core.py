@@ -235,3 +235,65 @@ def test_bn_momentum_none_is_a_cumulative_average():
     assert int(bn.num_batches_tracked) == 3
     means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x in xs]).detach()
     torch.testing.assert_close(bn.running_mean, means.mean(0), atol=1e-5, rtol=1e-5)
+
+
+class PoolFlattenNet(nn.Module):
+    """A residual block, then pooling, a flatten (4 positions per channel) and two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(8)
+        self.fc1, self.fc = nn.Linear(8 * 2 * 2, 6), nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b0(self.c0(x)))
+        y = torch.relu(self.b1(self.c1(y)) + y)
+        return self.fc(torch.relu(self.fc1(torch.flatten(self.pool(y), 1))))
+
+
+class FlatResidual(nn.Module):
+    """The image flattened straight into a linear layer (16 positions per input channel), then a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(3 * 16 * 16, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(torch.flatten(x, 1)))
+        return self.fc(y + torch.relu(self.b(y)))
+
+
+@pytest.mark.parametrize("model_cls", [PoolFlattenNet, FlatResidual])
+def test_flatten_multiplicity_in_sessions_grids_and_macs(model_cls):
+    torch.manual_seed(0)
+    net = TaggedNet(model_cls(), 2, SHAPE)
+    random_tags(net, 9)
+    warm(net)
+    x = torch.randn(2, *SHAPE)
+    cnet = compact(net)
+    session, grid = cnet.start(x), cnet.start_grid(x, width=1)
+    for k in (1, 2):
+        scratch = net(x, subnet=k)
+        for got in (cnet(x, subnet=k), session.logits, grid.logits, net.dense(k)(x)):
+            torch.testing.assert_close(got, scratch, atol=1e-5, rtol=1e-4)
+        if k == 1:
+            session.step()
+            grid.wider()
+    assert session.cache_bytes() > 0
+    full = TaggedNet(model_cls(), 2, SHAPE, rule="full", switchable_bn=True)
+    random_tags(full, 9)
+    assert [executed_macs(lambda k=k: full.dense(k)(x[:1])) for k in (1, 2)] == full.macs_per_subnet()
+
+
+def test_unsupported_conv_padding_and_unfoldable_bn_are_named():
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        TaggedNet(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                                nn.Linear(4 * 16 * 16, 2)), 1, SHAPE)
+    net = TaggedNet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(4 * 14 * 14, 2)), 1, SHAPE)
+    with pytest.raises(ValueError, match="no running statistics"):
+        compact(net)
+    with pytest.raises(ValueError, match="not a tagged feature map"):
+        TaggedNet(PoolFlattenNet(), 2, SHAPE).add_exit(9)  # relu(fc1): flat features, nothing to pool

@@ -72,8 +72,9 @@ class DoublyNestedNet(nn.Module):
 
     def __init__(self, net: TaggedNet, reference_macs: int, combine: str = "sum", spec: dict | None = None):
         super().__init__()
-        if not net.incremental or not net.exits:
-            raise ValueError("a doubly nested network needs a causal tagged net with depth exits (use build())")
+        if not net.incremental or not net.exits or net.chain:
+            raise ValueError("a doubly nested network needs a causal residual tagged net with depth exits "
+                             "(use build())")
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         self.net = net
@@ -302,7 +303,7 @@ class DoublyNestedNet(nn.Module):
     @torch.no_grad()
     def calibrate(self, val: ImageSet, budget_macs: float, path: Sequence[tuple[int, int]],
                   batch_size: int = 512) -> float:
-        """The lowest confidence threshold whose average executed MACs on ``val`` fit ``budget_macs``
+        """The highest confidence threshold whose average executed MACs on ``val`` fit ``budget_macs``
         (bisection; a lower threshold stops earlier and costs less)."""
         if budget_macs < self.path_costs(path)[0]:
             raise ValueError(f"budget {budget_macs:,.0f} MACs is below the path's first cell "

@@ -161,7 +161,8 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
         cost = macs_cost(net, reference)
     if search == "greedy":
         if held_out is None:
-            raise ValueError("the greedy search needs held_out=(x, y), a batch of training images not trained on")
+            raise ValueError("the greedy search needs held_out=(x, y), a batch of training images to score candidate "
+                             "widths on")
         choose = by_loss(model, shape, orders, held_out)
     else:
         choose = by_importance(scores)

@@ -67,6 +67,9 @@ def _module_op(program: Program, node: fx.Node, module: nn.Module, env: dict, us
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(f"grouped convolutions (fx node {node.name!r}, groups={module.groups}) cannot carry "
                              f"per-neuron tags")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise ValueError(f"Conv2d(padding_mode={module.padding_mode!r}) at fx node {node.name!r} is not supported; "
+                             f"the tagged core pads with zeros")
         program.layers.append(module)
         program.norms.append(nn.Identity())
         program.nodes.append(Node("layer", (src,), len(program.layers) - 1, node.name))

@@ -154,7 +154,8 @@ class TaggedNet(nn.Module):
                 vals: list[torch.Tensor] = []
                 for node in nodes:
                     if node.op == "input":
-                        out = torch.zeros(1, *self.input_shape)
+                        weight = self.layers[0].weight if len(self.layers) else self.classifier.weight
+                        out = torch.zeros(1, *self.input_shape, dtype=weight.dtype, device=weight.device)
                     elif node.op == "layer":
                         out = self.norms[node.index](self.layers[node.index](vals[node.args[0]]))
                     elif node.op in ("map", "flatten"):
@@ -175,12 +176,19 @@ class TaggedNet(nn.Module):
                 raise ValueError(f"the model does not run on inputs of shape {self.input_shape}: {error}") from None
             finally:
                 model.train(was_training)
+        self.node_dims = [len(shape) + 1 for shape in shapes]  # 4: feature maps, 2: flat features
         self.node_repeat = []   # positions per channel of each node's features (after a flatten)
         for j, node in enumerate(nodes):
             if node.op == "flatten":
                 src = shapes[node.args[0]]
                 self.node_repeat.append(self.node_repeat[node.args[0]] * (src[1] * src[2] if len(src) == 3 else 1))
-            elif node.op in ("map", "add"):
+            elif node.op == "add":
+                a, b = (self.node_repeat[k] for k in node.args)
+                if a != b:
+                    raise ValueError(f"the residual add at fx node {node.name!r} joins features of different "
+                                     f"layouts (one side flattened); a tagged add joins like with like")
+                self.node_repeat.append(a)
+            elif node.op == "map":
                 self.node_repeat.append(self.node_repeat[node.args[0]])
             else:
                 self.node_repeat.append(1)
@@ -316,7 +324,7 @@ class TaggedNet(nn.Module):
         """Tag of each input feature of ``layer`` (the image belongs to every subnet: tag 1)."""
         source = self.layer_source[layer]
         if source < 0:
-            return torch.ones(self.input_shape[0], dtype=torch.long, device=self.alive_cls.device)
+            return torch.ones(self.input_shape[0] * self.in_repeat[layer], dtype=torch.long, device=self.alive_cls.device)
         return self.tags(source).repeat_interleave(self.in_repeat[layer])
 
     def connectivity(self, layer: int) -> torch.Tensor:
@@ -502,7 +510,7 @@ class TaggedNet(nn.Module):
         if not isinstance(after, int) or not 0 < after < self.classifier_node or after in self.exit_nodes:
             raise ValueError(f"an exit reads a program node in 1..{self.classifier_node - 1} that has none yet, "
                              f"got {after!r}")
-        if self.node_group[after] < 0 or self.node_repeat[after] != 1:
+        if self.node_group[after] < 0 or self.node_repeat[after] != 1 or self.node_dims[after] != 4:
             raise ValueError(f"program node {after} ({self.program[after].op} {self.program[after].name!r}) is not "
                              f"a tagged feature map an exit can pool")
         width = self.group_widths[self.node_group[after]]

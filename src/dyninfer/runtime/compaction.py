@@ -370,7 +370,10 @@ def _folded(net: TaggedNet, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     layer, norm = net.layers[i], net.norms[i]
     weight = layer.weight * net.weight_mask(i)
     bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0])
-    if isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm1d)) and norm.running_var is not None:
+    if isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        if norm.running_var is None:
+            raise ValueError(f"layer {i}'s BatchNorm keeps no running statistics, so it cannot be folded into "
+                             f"the inference form (export it with net.dense(k))")
         weight, bias = fold_batchnorm(weight, bias, norm)
     return weight, bias
 
@@ -419,7 +422,8 @@ def compact(net: TaggedNet, *, channels_last: bool | None = None, cache: str = "
         post = [m for m in net.posts[i] if not isinstance(m, nn.Dropout)]
         layers.append(CompactLayer(
             "conv" if conv else "linear", steps_w, steps_b, pre_w, pre_b,
-            tuple(layer.stride) if conv else (1, 1), tuple(layer.padding) if conv else (0, 0),
+            tuple(layer.stride) if conv else (1, 1),
+            (layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)) if conv else (0, 0),
             tuple(layer.dilation) if conv else (1, 1), nn.Sequential(*post).eval() if post else None,
             row_bounds))
         repeat = net.in_repeat[i + 1]

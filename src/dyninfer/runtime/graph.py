@@ -61,7 +61,7 @@ class CompactGraph(nn.Module):
         def features(layer: int) -> tuple[torch.Tensor, list[int]]:  # input order and bounds per step of a layer
             source, repeat = net.layer_source[layer], net.in_repeat[layer]
             if source < 0:
-                c = net.input_shape[0]
+                c = net.input_shape[0] * repeat
                 return torch.arange(c), [0] + [c] * n
             order = (orders[source].unsqueeze(1) * repeat + torch.arange(repeat)).reshape(-1)
             return order, [b * repeat for b in bounds[source]]
@@ -75,7 +75,10 @@ class CompactGraph(nn.Module):
                 weight = layer.weight * net.weight_mask(i)
                 bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0])
                 norm = net.norms[i]
-                if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)) and norm.running_var is not None:
+                if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    if norm.running_var is None:
+                        raise ValueError(f"layer {i}'s BatchNorm keeps no running statistics, so it cannot be "
+                                         f"folded into the inference form (export it with net.dense(k))")
                     weight, bias = fold_batchnorm(weight, bias, norm)
                 in_order, in_bounds = features(i)
                 weight = weight[orders[g]][:, in_order]
@@ -83,7 +86,11 @@ class CompactGraph(nn.Module):
                 rb = bounds[g]
                 conv = isinstance(layer, nn.Conv2d)
                 self.layer_kind.append("conv" if conv else "linear")
-                self.conv_args.append((tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)) if conv else ())
+                if conv:
+                    padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+                    self.conv_args.append((tuple(layer.stride), padding, tuple(layer.dilation)))
+                else:
+                    self.conv_args.append(())
 
                 def prep(w: torch.Tensor) -> torch.Tensor:
                     return torch.empty_like(w, memory_format=fmt).copy_(w) if w.dim() == 4 else w.contiguous()
@@ -191,6 +198,10 @@ class CompactGraph(nn.Module):
             h.update(ws[-1].detach().contiguous().numpy().tobytes())
         h.update(self.cls_prefix[-1].detach().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    def state_tensors(self, state: dict) -> list[torch.Tensor]:
+        """What a session's cache holds (for its memory figure)."""
+        return [state["input"], *state["cache"].values()]
 
     def _check_subnet(self, subnet) -> int:
         return check_subnet(subnet, self.num_subnets)
@@ -340,11 +351,12 @@ class GridSession:
 
     # ------------------------------------------------------------------ cells
     def _bounds(self, j: int) -> list[int]:
-        g = self.net.node_group[j]
+        """Feature bounds of node j per group (channels x positions after a flatten)."""
+        g, repeat = self.net.node_group[j], self.net.node_repeat[j]
         if g < 0:
-            c = self.net.input_shape[0]
+            c = self.net.input_shape[0] * repeat
             return [0] + [c] * self.net.num_subnets
-        return self.net.group_bounds[g]
+        return [b * repeat for b in self.net.group_bounds[g]]
 
     def _group(self, j: int, t: int) -> torch.Tensor | None:
         """Group t's channels at node j (computing what is missing); None when the group is empty."""

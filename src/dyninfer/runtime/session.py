@@ -79,5 +79,6 @@ class Session(AnytimeSession):
 
     def cache_bytes(self) -> int:
         """Memory held by the session: cached layer inputs (buffers at full width) and logits."""
-        tensors = [t for t in self._state if t is not None] + self._logits
+        held = self.net.state_tensors(self._state) if hasattr(self.net, "state_tensors") else self._state
+        tensors = [t for t in held if t is not None] + self._logits
         return sum(t.numel() * t.element_size() for t in tensors)
