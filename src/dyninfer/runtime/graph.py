@@ -123,6 +123,12 @@ class CompactGraph(nn.Module):
         self._density = density_num / max(density_den, 1)
         # nodes whose outputs a later layer reads in full: the only ones a session caches
         self._cached = sorted({node.args[0] for node in self.program if node.op == "layer"})
+        # per node, the inputs whose last reader it is: a from-scratch pass frees them right there
+        last_use: dict[int, int] = {}
+        for j, node in enumerate(self.program):
+            for a in node.args:
+                last_use[a] = j
+        self._frees = [[a for a in set(node.args) if last_use[a] == j] for j, node in enumerate(self.program)]
         self.eval()
 
     # ------------------------------------------------------------------ the common runtime face
@@ -232,8 +238,8 @@ class CompactGraph(nn.Module):
         self._check_input(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        vals: list[torch.Tensor] = []
-        for node in self.program:
+        vals: list[torch.Tensor | None] = []
+        for j, node in enumerate(self.program):
             if node.op == "input":
                 vals.append(x)
             elif node.op == "layer":
@@ -245,6 +251,8 @@ class CompactGraph(nn.Module):
                 return F.linear(vals[node.args[0]], self.cls_prefix[k - 1], self.cls_bias)
             else:
                 vals.append(self._map(node, vals[node.args[0]]))
+            for a in self._frees[j]:  # nothing later reads it: let the allocator reuse its memory
+                vals[a] = None
         raise AssertionError("a program ends with its classifier")
 
     def start_grid(self, x: torch.Tensor, depth: int | None = None, width: int = 1) -> "GridSession":
