@@ -187,6 +187,8 @@ def test_anytime_stopping_reuses_the_session_and_costs_what_it_says(net):
         first = next(s for s, conf in enumerate(confidences) if conf[i] >= threshold) if any(
             conf[i] >= threshold for conf in confidences) else len(path) - 1
         assert int(stop[i]) == first
+    chunked = net.predict_anytime(x, threshold, path, batch_size=4)  # 4 + 2: same answers, same costs
+    assert all(torch.equal(a, b) for a, b in zip(chunked, (pred, stop, macs)))
     one = x[:1]
     counter = FlopCounterMode(display=False)
     with counter:

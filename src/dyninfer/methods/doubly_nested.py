@@ -242,14 +242,21 @@ class DoublyNestedNet(nn.Module):
         return cells
 
     @torch.no_grad()
-    def predict_anytime(self, x: torch.Tensor, threshold: float,
-                        path: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict_anytime(self, x: torch.Tensor, threshold: float, path: Sequence[tuple[int, int]], *,
+                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per input, walk ``path`` with one real session, stopping at the first cell whose softmax
         confidence reaches ``threshold``; inputs that stop leave the batch, so only the rest pay for
-        later cells. Returns (predictions, the cell index each stopped at, executed MACs per input)."""
+        later cells. Returns (predictions, the cell index each stopped at, executed MACs per input).
+
+        Inputs go through in chunks of ``batch_size`` (a session caches every cell's activations:
+        10,000 CIFAR images at once would hold tens of GB)."""
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         self._check_path(path)
+        if x.shape[0] > batch_size:
+            parts = [self.predict_anytime(chunk, threshold, path, batch_size=batch_size)
+                     for chunk in x.split(batch_size)]
+            return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
         cost = self.path_costs(path)
         n = x.shape[0]
         pred = torch.empty(n, dtype=torch.long)
