@@ -483,8 +483,15 @@ class TaggedNet(nn.Module):
                 return out, cols, preacts, row_list
         raise AssertionError("a program ends with its classifier")
 
-    def _ancestors(self, node: int) -> set[int]:
-        """Program nodes that node ``node`` depends on, itself included."""
+    def _ancestors(self, node: int) -> frozenset[int]:
+        """Program nodes that node ``node`` depends on, itself included (the program never changes
+        after construction, so each node's set is computed once)."""
+        cache = self.__dict__.setdefault("_ancestor_sets", {})
+        if node not in cache:
+            cache[node] = frozenset(self._walk_back(node))
+        return cache[node]
+
+    def _walk_back(self, node: int) -> set[int]:
         seen, todo = set(), [node]
         while todo:
             j = todo.pop()
