@@ -297,3 +297,24 @@ def test_unsupported_conv_padding_and_unfoldable_bn_are_named():
         compact(net)
     with pytest.raises(ValueError, match="not a tagged feature map"):
         TaggedNet(PoolFlattenNet(), 2, SHAPE).add_exit(9)  # relu(fc1): flat features, nothing to pool
+
+
+def test_reachable_tells_unmeasured_channels_apart_in_a_residual_net():
+    net = TaggedNet(zoo_model("resnet-20"), 2, SHAPE)
+    model = zoo_model("resnet-20")
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    group = dict(zip(names, net.layer_group))
+    inner, stream = group["stages.0.0.conv1"], group["stem.0"]
+    net.set_tags(inner, torch.tensor([0]), 2)  # its only reader (conv2, writing the stream) is all tag 1
+    reach = net.reachable()
+    assert not reach[inner][0] and reach[inner][1:].all()
+    assert all(r.all() for g, r in enumerate(reach) if g != inner)
+    net.set_tags(stream, torch.tensor([5]), 2)  # a tag-2 stream channel reads it, but no later stage reads that
+    assert not net.reachable()[inner][0] and not net.reachable()[stream][5]
+    for g in range(net.num_groups):  # a tag-2 channel in every later group: a path to the logits
+        if g not in (inner, stream):
+            net.set_tags(g, torch.tensor([0]), 2)
+    reach = net.reachable()
+    assert reach[inner][0] and reach[stream][5]
+    net.set_tags(stream, torch.tensor([5]), 3)  # dropped: outside every subnet, and so unreachable
+    assert not net.reachable()[stream][5] and not net.reachable()[inner][0]

@@ -32,17 +32,25 @@ from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
 from dyninfer.models.registry import original_macs
-from dyninfer.nn.tagged import TaggedNet
+from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
 from dyninfer.train import FrozenTeacher, derive_seed, kd_loss as shared_kd_loss
 
 SCHEDULES = ("joint", "sequential")
+UNMEASURED = ("wait", "paper")
+QUOTAS = ("adaptive", "paper")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
 class SteppingConfig:
-    """Every constant of the method; defaults are the paper's (Section III and IV)."""
+    """Every constant of the method. The paper's (Section III and IV) unless marked "beyond the
+    paper"; each of those can be switched back to the paper's behaviour for ablations.
+
+    Weight decay means the same in every dyninfer method: each live weight decays by
+    ``weight_decay * w`` once per batch (torch's SGD ``weight_decay``), however many subnets use it.
+    """
 
     alpha_growth: float = 1.5        # Eq. 3: alpha_1 = 1, alpha_{k+1} = 1.5 alpha_k
     beta: float = 0.9                # learning-rate suppression beta^(j-i)
@@ -51,7 +59,9 @@ class SteppingConfig:
     iterations: int = 300            # N_t: at most this many construction iterations
     batches_per_iteration: int = 250  # m: batches every subnet trains per iteration
     prune_threshold: float = 1e-5    # unstructured magnitude pruning after each iteration
-    schedule: str = "joint"          # "joint" (one pass trains all subnets) or "sequential" (paper)
+    # Beyond the paper: "joint" trains every subnet from one pass per batch (exactly the sequential
+    # schedule's gradients, see suppression_factors); "sequential" is the paper's loop.
+    schedule: str = "joint"
     suppression: bool = True         # ablation switch (Fig. 8)
     distillation: bool = True        # ablation switch (Fig. 8)
     importance_batches: int = 4      # batches used to estimate dL/dr before each move
@@ -59,6 +69,18 @@ class SteppingConfig:
     # footing. Raw Eq. 3 scores let wide FC layers (many small scores) lose almost all neurons:
     # LeNet-5 on CIFAR-10 kept 10 of 240 fc1 neurons and subnet 1 fell to 20.8 % accuracy.
     normalize_importance: bool = True
+    # Beyond the paper: a channel no reader of its subnets sees yet scores exactly 0 by Eq. 3;
+    # "wait" keeps it (ranked by its last measured score) until its readers arrive or nothing
+    # measured is left to move; "paper" moves it on as least important (it then drifts to the end).
+    unmeasured: str = "wait"
+    # Beyond the paper: "adaptive" moves (MACs over budget) / (iterations left) per round and
+    # takes the last neuron that overshoots least; "paper" moves (P_expanded - P_1) / N_t.
+    quota: str = "adaptive"
+    fill_back: bool = True           # beyond the paper: re-admit the best moved neurons while budgets allow
+    granularity: int = 1             # beyond the paper: channels moved together per layer (1: the paper)
+    # Beyond the paper: construction LR warms up over 5 % of its steps, then falls as a cosine to
+    # 0.1 lr ("constant": the paper's fixed rate).
+    lr_schedule: str = "cosine"
     min_channels: int = 1            # every layer keeps this many neurons in subnet 1
     batch_size: int = 128
     lr: float = 0.01
@@ -70,9 +92,12 @@ class SteppingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size"):
+        for name, allowed in (("schedule", SCHEDULES), ("unmeasured", UNMEASURED), ("quota", QUOTAS),
+                              ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size",
+                     "granularity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.beta <= 1:
@@ -83,6 +108,16 @@ class SteppingConfig:
             raise ValueError(f"alpha_growth must be > 0, got {self.alpha_growth}")
         if self.retrain_epochs < 0:
             raise ValueError(f"retrain_epochs must be >= 0, got {self.retrain_epochs}")
+
+    def construction_lr(self, step: int, total: int) -> float:
+        """Learning rate of construction step ``step`` of ``total`` (a pure function: resumable)."""
+        if self.lr_schedule == "constant" or total <= 1:
+            return self.lr
+        warmup = max(1, total // 20)
+        if step < warmup:
+            return self.lr * (0.1 + 0.9 * (step + 1) / warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
 def check_budgets(budgets: Sequence[float], num_subnets: int | None = None) -> list[float]:
@@ -123,7 +158,9 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
     Sequential: training subnet j scales tag-i gradients by beta^(j-i). Joint: backpropagating
     sum_j beta^j L_j once and scaling tag-i gradients by beta^(-i) gives, for tag-i weights,
     sum_{j>=i} beta^(j-i) dL_j/dW exactly, since dL_j/dW = 0 for j < i (causal rule).
-    Returns (loss weights, factor(tags), decay(tags)) for the joint schedule.
+    Returns (loss weights, factor(tags), decay(tags)) for the joint schedule: suppression scales
+    gradients only; every live weight decays once per batch (see :class:`SteppingConfig`), so a
+    tag-1 weight is not decayed N times (3.4x at beta 0.9, N = 4) for being in every subnet.
     """
     beta = config.beta if config.suppression else 1.0
     n = num_subnets
@@ -132,9 +169,8 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
     def factor(tags: torch.Tensor) -> torch.Tensor:
         return beta ** (-tags)
 
-    def decay(tags: torch.Tensor) -> torch.Tensor:  # sum_{j=i}^{N} beta^(j-i)
-        m = (n - tags + 1).clamp(min=0)
-        return m if beta == 1.0 else (1 - beta ** m) / (1 - beta)
+    def decay(tags: torch.Tensor) -> torch.Tensor:  # 1 for a live weight, 0 for a dropped one (tag N+1)
+        return (tags <= n).to(tags.dtype)
 
     return weights, factor, decay
 
@@ -173,7 +209,10 @@ def train_step(net: TaggedNet, x: torch.Tensor, y: torch.Tensor, optimizer: torc
         def scale(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # 0 for neurons outside subnet j
             return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
 
-        net.shape_gradients(scale, scale, wd)
+        def decay(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # once per batch: in its own subnet's turn
+            return (tags == j).to(tags.dtype)
+
+        net.shape_gradients(scale, decay, wd)
         with _frozen_above(net, j):  # momentum must not move weights subnet j does not use
             optimizer.step()
         losses.append(float(loss.detach()))
@@ -216,10 +255,13 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
                config: SteppingConfig) -> list[torch.Tensor]:
     """Eq. 1-3: M_j = sum_{k >= tag_j} alpha_k |dL_k / dr_j| for every channel j of every tag group.
 
-    r_j scales channel j's pre-activation and is fixed to 1, so dL/dr_j = sum over batch and
-    positions of (dL/dz_j * z_j): one backward per subnet through the activations only. Where a
-    residual add ties several layers into one group, one r_j scales the channel in all of them,
-    so its derivative is the sum over those layers.
+    r_j scales neuron j's weighted sum, bias excluded (Eq. 2), and is fixed to 1. With z_j the
+    neuron's output after its (eval-mode) BatchNorm, z_j = s_j r_j (w_j . x) + c_j where c_j
+    is the bias and BN shift folded together, so dL/dr_j = sum over batch and positions of
+    dL/dz_j (z_j - c_j): one backward per subnet through the activations only. Where a residual
+    add ties several layers into one group, one r_j scales the channel in all of them, so its
+    derivative is the sum over those layers. A channel no reader sees (``TaggedNet.reachable``)
+    gets exactly 0 here; :func:`construct` tells such channels apart.
     """
     n = net.num_subnets
     alphas = [config.alpha_growth ** (k - 1) for k in range(1, n + 1)]
@@ -228,6 +270,7 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
              for _ in range(n)]
     was_training = net.training
     net.eval()  # running BN statistics: estimating importance must not change the model
+    shifts = [_folded_bias(net, i) for i in range(net.num_hidden)]
     try:
         for x, y in batches:
             out = net.forward_all(x, keep_preacts=True)
@@ -241,7 +284,8 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
                     dims = [d for d in range(z.dim()) if d != 1]
                     group = net.layer_group[i]
                     score = torch.zeros(len(grads[k][group]), dtype=z.dtype, device=z.device)
-                    score[rows] = (g * z).detach().sum(dim=dims)
+                    shift = shifts[i][rows].view(-1, *([1] * (z.dim() - 2)))
+                    score[rows] = (g * (z - shift)).detach().sum(dim=dims)
                     per_group[group] = per_group[group] + score if group in per_group else score
                 for group, score in per_group.items():
                     grads[k][group] += score.abs()
@@ -253,11 +297,23 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
         score = torch.zeros(len(tags), dtype=dtype, device=tags.device)
         for k in range(1, n + 1):
             score += torch.where(tags <= k, alphas[k - 1] * grads[k - 1][group], torch.zeros((), device=tags.device))
-        if config.normalize_importance:
-            live = score[tags <= n]
+        if config.normalize_importance:  # over measured channels: unmeasured zeros must not deflate the mean
+            live = score[(tags <= n) & (score > 0)]
             score = score / live.mean().clamp(min=1e-12) if len(live) else score
         scores.append(score)
     return scores
+
+
+@torch.no_grad()
+def _folded_bias(net: TaggedNet, layer: int) -> torch.Tensor:
+    """Per output channel of hidden ``layer``: the constant its output carries (bias and eval-mode
+    BatchNorm shift folded together), i.e. what r_j of Eq. 2 does not scale."""
+    conv, norm = net.layers[layer], net.norm_of(layer, net.num_subnets)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.weight.shape[0], dtype=conv.weight.dtype,
+                                                                          device=conv.weight.device)
+    if getattr(norm, "running_mean", None) is None:
+        return bias
+    return fold_batchnorm(conv.weight.detach(), bias, norm)[1]
 
 
 # ---------------------------------------------------------------------------- moving neurons
@@ -280,38 +336,131 @@ def _saving_estimates(net: TaggedNet, group: int, subnet: int) -> torch.Tensor:
     return saving
 
 
-def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
-                 min_channels: int = 1) -> tuple[int, float]:
-    """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
-    take out of the subnet just exceed ``amount``. Returns (channels moved, estimated MACs saved).
+@dataclass
+class _Unit:
+    """Channels of one tag group that move together (``granularity`` of them)."""
 
-    A moved channel loses its synapses into the smaller subnet and gains those to its new peers;
-    both follow from the causal mask, and its pruned weights are revived (``set_tags``).
+    waiting: bool       # every channel unmeasured: moved only when nothing measured is left
+    score: float        # mean importance
+    group: int
+    channels: list[int]
+    saving: float       # estimated MACs the subnet saves without them
+
+
+def unit_size(net: TaggedNet, group: int, granularity: int) -> int:
+    """Channels of ``group`` moved together: ``granularity``, but at most width / N, so a narrow
+    layer can still spread over every subnet."""
+    return max(1, min(granularity, net.group_widths[group] // net.num_subnets))
+
+
+WINDOW = 8  # how far down the importance order the last unit of a round may be taken from
+
+
+def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
+                 min_channels: int = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
+                 exact: bool = True) -> tuple[int, float]:
+    """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
+    take out of the subnet reach ``amount``. Returns (channels moved, estimated MACs saved).
+
+    Channels move in units of :func:`unit_size` per tag group. Channels ``measured`` marks
+    False go after every measured one. When the next unit would carry the round past
+    ``amount``, the one of the next ``WINDOW`` that reaches it with the least overshoot is taken
+    instead. With ``exact=False`` nothing is taken when stopping short lands closer, and no
+    unmeasured channel is taken at all (the rest of the gap waits for the next round). A moved channel loses its synapses into the smaller subnet
+    and gains those to its new peers; both follow from the causal mask, and its pruned weights
+    are revived (``set_tags``).
     """
-    candidates = []
-    for g in range(net.num_groups):
-        tags = net.tags(g)
-        idx = torch.nonzero(tags == subnet).squeeze(1)
-        if len(idx) == 0:
-            continue
-        saving = _saving_estimates(net, g, subnet)
-        for c in idx.tolist():
-            candidates.append((float(scores[g][c]), g, c, float(saving[c])))
-    candidates.sort()
+    units = _units(net, scores, subnet, measured, granularity, descending=False)
     kept = [int((net.tags(g) <= subnet).sum()) for g in range(net.num_groups)]
-    moved: dict[int, list[int]] = {}
+    chosen: list[_Unit] = []
     saved = 0.0
-    for _, g, c, saving in candidates:
-        if saved >= amount:
+    while saved < amount:
+        # every subnet keeps min_channels channels per group: it must stay connected
+        units = [u for u in units if kept[u.group] - len(u.channels) >= min_channels]
+        if not units:
             break
-        if kept[g] <= min_channels:
-            continue  # every subnet keeps min_channels channels per group: it must stay connected
-        moved.setdefault(g, []).append(c)
-        kept[g] -= 1
-        saved += saving
-    for g, channels in moved.items():
-        net.set_tags(g, torch.tensor(channels), subnet + 1)
-    return sum(len(c) for c in moved.values()), saved
+        pick = units[0]
+        if pick.waiting and not exact:
+            break  # only unmeasured channels left: they wait for their readers (or the final round)
+        if saved + pick.saving > amount:
+            window = [u for u in units[:WINDOW] if u.waiting == pick.waiting]
+            reaching = [u for u in window if saved + u.saving >= amount]
+            pick = min(reaching, key=lambda u: u.saving) if reaching else pick
+            if not exact and saved + pick.saving - amount > amount - saved:
+                break
+        units.remove(pick)
+        chosen.append(pick)
+        kept[pick.group] -= len(pick.channels)
+        saved += pick.saving
+    for unit in chosen:
+        net.set_tags(unit.group, torch.tensor(unit.channels), subnet + 1)
+    return sum(len(u.channels) for u in chosen), saved
+
+
+def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[torch.Tensor] | None,
+           granularity: int, descending: bool) -> list[_Unit]:
+    """The channels with ``tag`` grouped into move units, in order: measured before waiting, then
+    least (``descending``: most) important first. A group's remainder (fewer than a unit) stays."""
+    units = []
+    sign = -1.0 if descending else 1.0
+    for g in range(net.num_groups):
+        idx = torch.nonzero(net.tags(g) == tag).squeeze(1).tolist()
+        if not idx:
+            continue
+        saving = _saving_estimates(net, g, min(tag, net.num_subnets))
+        waiting = {c: measured is not None and not bool(measured[g][c]) for c in idx}
+        idx.sort(key=lambda c: (waiting[c], sign * float(scores[g][c])))
+        size = unit_size(net, g, granularity)
+        for start in range(0, len(idx) - size + 1, size):
+            members = idx[start:start + size]
+            units.append(_Unit(all(waiting[c] for c in members), sum(float(scores[g][c]) for c in members) / size,
+                               g, members, sum(float(saving[c]) for c in members)))
+    units.sort(key=lambda u: (u.waiting, sign * u.score))
+    return units
+
+
+def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
+              measured: list[torch.Tensor] | None = None, patience: int = 64) -> list[int]:
+    """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
+    into it, for i = 1..N, while every subnet stays within its MAC limit. Returns how many
+    channels each subnet re-admitted.
+
+    Moves overshoot (a conv neuron can be worth many times a round's quota), so construction
+    ends below its budgets; this spends what is left. A trial that breaks a limit is undone; a
+    subnet stops after ``patience`` such trials in a row.
+    """
+    admitted = []
+    for i in range(1, net.num_subnets + 1):
+        count, misses = 0, 0
+        units = [u for tag in range(i + 1, net.num_subnets + 2)
+                 for u in _units(net, scores, tag, measured, granularity, descending=True)]
+        units.sort(key=lambda u: (u.waiting, -u.score))
+        for unit in units:
+            if misses >= patience:
+                break
+            undo = _trial_move(net, unit.group, unit.channels, i)
+            if all(m <= lim for m, lim in zip(net.macs_per_subnet(), limits)):
+                count, misses = count + len(unit.channels), 0
+            else:
+                undo()
+                misses += 1
+        admitted.append(count)
+    return admitted
+
+
+def _trial_move(net: TaggedNet, group: int, channels: list[int], tag: int):
+    """Move ``channels`` to ``tag``; returns a function that restores their tags and pruning masks."""
+    index = torch.tensor(channels)
+    tags = net.tags(group)[index].clone()
+    alive = {i: net.alive(i)[index].clone() for i in net.group_layers(group)}
+    net.set_tags(group, index, tag)
+
+    def undo() -> None:
+        net.tags(group)[index] = tags
+        for i, rows in alive.items():
+            net.alive(i)[index] = rows
+
+    return undo
 
 
 # ---------------------------------------------------------------------------- the face
@@ -429,8 +578,9 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 # The config fields that shape each phase: a phase's checkpoint resumes only if they are unchanged
 # (fields of the other phase, and ``progress``, may differ).
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
-                       "suppression", "importance_batches", "normalize_importance", "min_channels", "batch_size",
-                       "lr", "momentum", "weight_decay", "seed")
+                       "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
+                       "fill_back", "granularity", "lr_schedule", "min_channels", "batch_size", "lr", "momentum",
+                       "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "batch_size",
                   "momentum", "weight_decay", "retrain_lr", "seed")
 
@@ -468,6 +618,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                            origin)
     # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
     amount = max(history["expanded_macs"] - limits[0], 0) / cfg.iterations
+    carried = _carried(net, history)
+    total_steps = cfg.iterations * cfg.batches_per_iteration
     first = len(history["iterations"])
     if first and cfg.progress:
         tqdm.write(f"resuming construction from {checkpoint} after iteration {first}"
@@ -491,7 +643,9 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             batches = stream(it)
             net.train()
             correct, seen, losses = [0] * net.num_subnets, 0, []
-            for _ in range(cfg.batches_per_iteration):
+            for b in range(cfg.batches_per_iteration):
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.construction_lr(it * cfg.batches_per_iteration + b, total_steps)
                 x, y = next(batches)
                 losses.append(train_step(net, x, y, optimizer, cfg, correct=correct))
                 seen += len(y)
@@ -502,8 +656,9 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             if meets(macs):
                 history["budgets_met"] = True
             else:
-                entry["moved"] = _move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg,
-                                             limits, amount)
+                entry.update(_move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg,
+                                         limits, amount, cfg.iterations - it, carried))
+                history["carried_scores"] = [c.tolist() for c in carried]
             history["iterations"].append(entry)
             history["construction_seconds"] += time.perf_counter() - started
             if checkpoint is not None:
@@ -517,9 +672,11 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     trims = 0
     while not meets(net.macs_per_subnet()):  # N_t reached: finish the moves without training
         batches = stream("trim", trims)
-        moved = _move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg, limits, amount)
+        moved = _move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg, limits, amount, 1,
+                            carried)
+        history.setdefault("trims", []).append(moved)
         trims += 1
-        if sum(moved) == 0:
+        if sum(moved["moved"]) == 0:
             raise RuntimeError(
                 f"budgets {budgets} cannot be met: subnet MAC fractions are stuck at "
                 f"{[round(m / reference, 4) for m in net.macs_per_subnet()]} with min_channels={cfg.min_channels}"
@@ -528,6 +685,16 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         warnings.warn(f"construction reached N_t={cfg.iterations} iterations before every budget was met; "
                       f"{trims} further move rounds were made without training", stacklevel=2)
     history["trim_rounds"] = trims
+    if cfg.fill_back:
+        batches = stream("fill-back")
+        raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
+        scores, measured = _scores(net, raw, cfg, carried)
+        history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured)
+    history.pop("carried_scores", None)
+    history["final_macs"] = [m / reference for m in net.macs_per_subnet()]
+    history["final_counts"] = net.counts()
+    history["unreachable"] = [int((~r & (net.tags(g) <= net.num_subnets)).sum()) for g, r in
+                              enumerate(net.reachable())]
     net.eval()
     return SteppingNet(net, budgets, reference, cfg, history)
 
@@ -577,21 +744,61 @@ def _restore(path: str | Path, kind: str, net: TaggedNet, optimizer: torch.optim
     return state
 
 
-def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float], amount: float) -> list[int]:
-    """One round of moves for every subnet over budget, with the cascade rule of Fig. 5."""
-    scores = importance(net, batches, cfg)
+def _carried(net: TaggedNet, history: dict) -> list[torch.Tensor]:
+    """Each channel's last measured score (restored from a checkpoint's history when resuming)."""
+    saved = history.get("carried_scores")
+    dtype = net.classifier.weight.dtype
+    if saved is not None:
+        return [torch.tensor(c, dtype=dtype) for c in saved]
+    return [torch.zeros(w, dtype=dtype) for w in net.group_widths]
+
+
+def _scores(net: TaggedNet, raw: list[torch.Tensor], cfg: SteppingConfig, carried: list[torch.Tensor]):
+    """Eq. 3 scores ``raw`` as the moves see them, and which channels were measured (None: the
+    paper's rule, where an unmeasured channel simply scores 0). An unmeasured channel keeps its
+    last measured score, which ``carried`` remembers."""
+    scores = list(raw)
+    if cfg.unmeasured == "paper":
+        return scores, None
+    measured = net.reachable()
+    for g, (score, seen) in enumerate(zip(scores, measured)):
+        carried[g] = torch.where(seen, score, carried[g].to(score))
+        scores[g] = carried[g].clone()
+    return scores, measured
+
+
+def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float], amount: float,
+                rounds_left: int, carried: list[torch.Tensor]) -> dict:
+    """One round of moves for every subnet over budget, with the cascade rule of Fig. 5.
+
+    Returns per subnet the channels moved, and of the channels subnet N dropped, how many had an
+    Eq. 3 score of exactly 0 and how many were unmeasured.
+    """
+    raw = importance(net, batches, cfg)
+    scores, measured = _scores(net, raw, cfg, carried)
+    reach = measured if measured is not None else net.reachable()
+    n = net.num_subnets
+    before = [net.tags(g).clone() for g in range(net.num_groups)]
     moved = []
-    for i in range(1, net.num_subnets + 1):
+    for i in range(1, n + 1):
         macs = net.macs_per_subnet()
         over = macs[i - 1] > limits[i - 1]
         # Subnet i starts passing neurons on only once its own increment exceeds its budget's.
         allowed = i == 1 or macs[i - 1] - macs[i - 2] > limits[i - 1] - limits[i - 2]
         count = 0
-        if over and allowed:  # move the paper's fixed amount, but no more than the overshoot
-            needed = min(amount, macs[i - 1] - limits[i - 1])
-            count, _ = move_neurons(net, scores, i, needed, cfg.min_channels)
+        if over and allowed:
+            gap = macs[i - 1] - limits[i - 1]
+            if cfg.quota == "paper":  # the paper's fixed amount, but no more than the overshoot
+                count, _ = move_neurons(net, scores, i, min(amount, gap), cfg.min_channels, measured=measured,
+                                        granularity=cfg.granularity)
+            else:  # spread what is over budget over the rounds left; the last round closes it
+                count, _ = move_neurons(net, scores, i, gap / max(1, rounds_left), cfg.min_channels,
+                                        measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1)
         moved.append(count)
-    return moved
+    dropped = [(before[g] <= n) & (net.tags(g) > n) for g in range(net.num_groups)]
+    return {"moved": moved,
+            "dropped_zero_score": sum(int((raw[g][d] == 0).sum()) for g, d in enumerate(dropped)),
+            "dropped_unmeasured": sum(int((~reach[g][d]).sum()) for g, d in enumerate(dropped))}
 
 
 def _endless(data: ImageSet, batch_size: int, generator: torch.Generator):

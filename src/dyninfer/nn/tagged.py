@@ -368,6 +368,38 @@ class TaggedNet(nn.Module):
             pruned += int((~alive).sum())
         return pruned
 
+    @torch.no_grad()
+    def reachable(self) -> list[torch.Tensor]:
+        """Per tag group, which channels can influence the logits of a subnet that contains them.
+
+        A channel with tag t reaches the logits if a live weight the rule allows carries it into
+        the classifier, or into a reachable channel (tag t..N) of a layer that reads it. One that
+        does not (e.g. just moved to tag t while its readers all have tags < t) has dL/dr = 0 in
+        every subnet by construction: it is unmeasured, not unimportant. Computed as a fixpoint,
+        since a residual stream's readers may feed the stream again.
+        """
+        n = self.num_subnets
+        uses = []  # per reader layer: (out, in-feature) bool of live, allowed weights
+        for i in range(self.num_hidden + 1):
+            mask = self.weight_mask(i)
+            uses.append(mask.flatten(2).any(2) if mask.dim() > 2 else mask)
+        reach = [torch.zeros(w, dtype=torch.bool, device=self.tags(g).device)
+                 for g, w in enumerate(self.group_widths)]
+        changed = True
+        while changed:
+            changed = False
+            for g in range(self.num_groups):
+                found = reach[g].clone()
+                for i in self.group_readers(g):
+                    use = uses[i]
+                    if i < self.num_hidden:
+                        use = use[reach[self.layer_group[i]] & (self.layer_tags(i) <= n)]
+                    found |= use.any(0).view(-1, self.in_repeat[i]).any(1)
+                found &= self.tags(g) <= n
+                if not torch.equal(found, reach[g]):
+                    reach[g], changed = found, True
+        return reach
+
     def counts(self) -> list[list[int]]:
         """Per tag group, the number of channels with each tag 1..N+1."""
         return [torch.bincount(self.tags(g), minlength=self.num_subnets + 2)[1:].tolist()
