@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                              "2 on an idle one; default without preset: torch's)")
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--stem", default=None, help="result file name (default compare_<model>_<data>)")
+    parser.add_argument("--options", default=None,
+                        help='per-method settings as JSON, e.g. \'{"stepping": {"granularity": 4}}\'')
     parser.add_argument("--progress", action="store_true", help="progress bars inside each method")
     args = parser.parse_args(argv)
 
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings["threads"])
 
     from dyninfer import compare, report
+    from dyninfer.compare_commands import parse_options
+
+    try:
+        options = parse_options(args.options)
+    except ValueError as err:
+        parser.error(str(err))
 
     command = " ".join(["python", "benchmarks/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     machine = report.machine()
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                          budgets=[float(b) for b in args.budgets.split(",")], steps=settings["steps"],
                          batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=settings["lr"],
                          latency_batch=settings["latency_batch"], latency_repeats=settings["latency_repeats"],
-                         data_root=args.data_root, stem=stem, progress=args.progress, command=command)
+                         data_root=args.data_root, stem=stem, progress=args.progress, command=command,
+                         options=options)
     text = compare.markdown(record)
     print("\n" + text.split("## Every subnet", 1)[0].rstrip())
     print(f"\ntotal {time.perf_counter() - start:.0f} s; wrote {', '.join(record['files'])}")

@@ -50,7 +50,7 @@ def test_subnets_are_matched_to_the_budgets(record):
             if cell is not None:
                 assert cell["mac_fraction"] <= b * (1 + compare.MATCH_TOLERANCE)
     incremental = {n for n, r in record["methods"].items() if r["incremental"]}
-    assert incremental == {"stepping", "anywidth", "earlyexit"}
+    assert incremental == {"stepping", "stepping-paper", "anywidth", "earlyexit"}
     for name, r in record["methods"].items():
         if r["incremental"]:
             assert r["path_mac_fraction"] < r["recompute_mac_fraction"]

@@ -280,7 +280,8 @@ def markdown(record: dict) -> str:
         f"= {record['samples_per_method']:,} samples (counted by each method and by a global optimizer hook), "
         f"seed {record['seed']}, SGD lr {record['lr']} (cosine), {record['train_n']} training / "
         f"{record['test_n']} test images. MACs are fractions of the original {record['model']} "
-        f"({record['reference_macs']:,} MACs).",
+        f"({record['reference_macs']:,} MACs). Weight decay 5e-4 means the same in every method: each live "
+        f"weight decays once per batch (torch's SGD weight_decay), however many subnets share it.",
         f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}.", "",
         "## Test accuracy (%) at matched MAC budgets", "",
         f"Cell: accuracy of the largest subnet whose MACs are within the budget "

@@ -22,7 +22,7 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers like 0.15,0.3,0.6,0.85; got {text!r}") from None
 
 
-def _options(text: str | None) -> dict:
+def parse_options(text: str | None) -> dict:
     if not text:
         return {}
     try:
@@ -44,7 +44,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         logging.getLogger("dyninfer.compare").setLevel(logging.INFO)
     record = compare.run(args.model, args.data, methods=methods, budgets=budgets, steps=args.steps,
                          batch_size=args.batch_size, seed=args.seed, out=args.out, lr=args.lr,
-                         options=_options(args.options), latency_batch=args.latency_batch,
+                         options=parse_options(args.options), latency_batch=args.latency_batch,
                          latency_repeats=args.latency_repeats, data_root=args.data_root, stem=args.stem,
                          progress=not args.quiet, command=" ".join(["dyninfer"] + sys.argv[1:]))
     text = compare.markdown(record)

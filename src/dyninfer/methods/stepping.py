@@ -827,6 +827,14 @@ class _StepView(ImageSet):
             yield next(stream)
 
 
+# The paper's construction rules (Section III), for ablations against ours.
+PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
+               "lr_schedule": "constant"}
+# SteppingConfig fields a comparison may set through its options.
+CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "granularity", "lr_schedule", "normalize_importance",
+                        "suppression", "alpha_growth", "beta", "gamma", "min_channels")
+
+
 @register_method("stepping", "SteppingNet (construct + retrain, causal, learned tags)", order=0)
 def build_for_comparison(s: Setup):
     """SteppingNet: construct + retrain with a SteppingConfig scaled to the budget.
@@ -835,16 +843,28 @@ def build_for_comparison(s: Setup):
     steps plan construction; what it leaves when it meets the budgets early goes to retraining),
     ``iterations`` (N_t; default: 4 batches per iteration, at most 300), ``teacher_fraction`` (0: retrain with
     plain CE; > 0: that share of the budget first trains the original network as the Eq. 4
-    teacher; its steps count).
+    teacher; its steps count), and the SteppingConfig fields in ``CONSTRUCTION_OPTIONS``.
     """
+    return _build(s, {})
+
+
+@register_method("stepping-paper", "SteppingNet with the paper's construction rules (ablation)", order=1)
+def build_with_paper_rules(s: Setup):
+    """SteppingNet constructed by the paper's rules: unmeasured neurons score 0 and move on, a
+    fixed quota per round, no fill-back, one neuron at a time, constant learning rate."""
+    return _build(s, PAPER_RULES, "stepping-paper")
+
+
+def _build(s: Setup, rules: dict, method: str = "stepping"):
     opts = dict(s.options)
     expansion = float(opts.pop("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0)))
     construct_fraction = float(opts.pop("construct_fraction", 0.6))
     teacher_fraction = float(opts.pop("teacher_fraction", 0.0))
     iterations = opts.pop("iterations", None)
+    rules = {**rules, **{k: opts.pop(k) for k in CONSTRUCTION_OPTIONS if k in opts}}
     if opts:
-        raise ValueError(f"unknown stepping options {sorted(opts)}; accepted: expansion, construct_fraction, "
-                         f"iterations, teacher_fraction")
+        raise ValueError(f"unknown {method} options {sorted(opts)}; accepted: expansion, construct_fraction, "
+                         f"iterations, teacher_fraction, {', '.join(CONSTRUCTION_OPTIONS)}")
     if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
         raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
                          f"got {construct_fraction}, {teacher_fraction}")
@@ -864,8 +884,8 @@ def build_for_comparison(s: Setup):
     iterations = max(1, min(iterations, planned))
     per_iteration = planned // iterations
     config = SteppingConfig(iterations=iterations, batches_per_iteration=per_iteration,
-                                     batch_size=s.batch_size, lr=s.lr, retrain_lr=s.lr, retrain_epochs=1,
-                                     distillation=teacher is not None, seed=s.seed, progress=s.progress)
+                            batch_size=s.batch_size, lr=s.lr, retrain_lr=s.lr, retrain_epochs=1,
+                            distillation=teacher is not None, seed=s.seed, progress=s.progress, **rules)
     model = s.create(expansion)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -876,9 +896,10 @@ def build_for_comparison(s: Setup):
     if retrain_steps > 0:
         net.retrain(_StepView(s.train, retrain_steps, s.batch_size, s.seed + 1), teacher=teacher)
         steplog.add(retrain_steps, s.batch_size, "retrain")
-    net.history.update({"method": "stepping", "expansion": expansion, "batch_size": s.batch_size,
+    net.history.update({"method": method, "expansion": expansion, "batch_size": s.batch_size,
                         "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
-                                                                               "lr", "distillation")},
+                                                                               "lr", "distillation",
+                                                                               *CONSTRUCTION_OPTIONS[:5])},
                         "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
     return net
 
