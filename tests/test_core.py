@@ -318,3 +318,14 @@ def test_reachable_tells_unmeasured_channels_apart_in_a_residual_net():
     assert reach[inner][0] and reach[stream][5]
     net.set_tags(stream, torch.tensor([5]), 3)  # dropped: outside every subnet, and so unreachable
     assert not net.reachable()[stream][5] and not net.reachable()[inner][0]
+
+
+@pytest.mark.parametrize("rule", ["causal", "full"])
+def test_macs_per_subnet_at_once_equals_each_subnets_count(rule):
+    net = TaggedNet(zoo_model("resnet-20"), 3, SHAPE, rule=rule)
+    random_tags(net, 4)
+    with torch.no_grad():
+        net.layers[2].weight[:, :2] = 0.0
+    net.prune(1e-5)
+    assert net.macs_per_subnet() == [net.subnet_macs(subnet=k) for k in (1, 2, 3)]
+    assert executed_macs(lambda: net.dense(2)(torch.randn(1, *SHAPE))) >= net.macs_per_subnet()[1]

@@ -545,3 +545,32 @@ def test_construction_uses_its_budgets_and_moves_no_unmeasured_neuron():
     assert unmeasured == 0
     paper_ratios, paper_unmeasured = results["paper"]
     assert paper_unmeasured > 0 and min(paper_ratios) < 0.97, results["paper"]
+
+
+def test_the_demos_reuse_check_counts_what_steps_execute(monkeypatch):
+    """check_reuse passes a session that reuses its cache and refuses one that recomputes."""
+    from dyninfer.cli import check_reuse
+    from dyninfer.methods.stepping import SteppingNet
+    from dyninfer.runtime.session import Session
+
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    random_tags(net, 6)
+    warm_bn(net, torch.randn(8, *SHAPE))
+    with torch.no_grad():  # some pruned weights: the dense blocks multiply them as zeros
+        net.layers[1].weight[:, :, 0, 0] = 0.0
+    net.prune(1e-5)
+    stepped = SteppingNet(net, [0.3, 0.6, 0.9], net.subnet_macs(subnet=3))
+    x = torch.randn(4, *SHAPE)
+    message = check_reuse(stepped, x)
+    live, blocks = sum(stepped.compact().step_macs()), sum(stepped.compact().executed_step_macs())
+    assert blocks > live and f"{blocks - live:,} of them multiply pruned weights" in message
+
+    real_step = Session.step
+
+    def recompute(self):  # also does the work of a from-scratch pass, as a non-incremental step would
+        self.net(x, subnet=self.subnet + 1)
+        return real_step(self)
+
+    monkeypatch.setattr(Session, "step", recompute)
+    with pytest.raises(RuntimeError, match="did not reuse"):
+        check_reuse(stepped, x)

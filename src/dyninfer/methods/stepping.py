@@ -81,6 +81,12 @@ class SteppingConfig:
     # Beyond the paper: construction LR warms up over 5 % of its steps, then falls as a cosine to
     # 0.1 lr ("constant": the paper's fixed rate).
     lr_schedule: str = "cosine"
+    # What r_j of Eq. 2 scales: "weighted_sum" (the paper: w_j . x, bias and BN shift excluded) or
+    # "output" (the neuron's whole output after BatchNorm, bias included).
+    importance_of: str = "weighted_sum"
+    # Ablation of the shared weight-decay semantics: True decays a weight once per subnet that
+    # trains it (sum_j beta^(j-i): 3.4x at beta 0.9, N = 4, for tag 1), as dyninfer did before.
+    decay_per_subnet: bool = False
     min_channels: int = 1            # every layer keeps this many neurons in subnet 1
     batch_size: int = 128
     lr: float = 0.01
@@ -93,7 +99,7 @@ class SteppingConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("unmeasured", UNMEASURED), ("quota", QUOTAS),
-                              ("lr_schedule", LR_SCHEDULES)):
+                              ("lr_schedule", LR_SCHEDULES), ("importance_of", ("weighted_sum", "output"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size",
@@ -170,6 +176,9 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
         return beta ** (-tags)
 
     def decay(tags: torch.Tensor) -> torch.Tensor:  # 1 for a live weight, 0 for a dropped one (tag N+1)
+        if config.decay_per_subnet:  # sum_{j=i}^{N} beta^(j-i)
+            m = (n - tags + 1).clamp(min=0)
+            return m if beta == 1.0 else (1 - beta ** m) / (1 - beta)
         return (tags <= n).to(tags.dtype)
 
     return weights, factor, decay
@@ -210,7 +219,7 @@ def train_step(net: TaggedNet, x: torch.Tensor, y: torch.Tensor, optimizer: torc
             return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
 
         def decay(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # once per batch: in its own subnet's turn
-            return (tags == j).to(tags.dtype)
+            return scale(tags) if config.decay_per_subnet else (tags == j).to(tags.dtype)
 
         net.shape_gradients(scale, decay, wd)
         with _frozen_above(net, j):  # momentum must not move weights subnet j does not use
@@ -270,7 +279,9 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
              for _ in range(n)]
     was_training = net.training
     net.eval()  # running BN statistics: estimating importance must not change the model
-    shifts = [_folded_bias(net, i) for i in range(net.num_hidden)]
+    shifts = [_folded_bias(net, i) if config.importance_of == "weighted_sum" else
+              torch.zeros(net.layers[i].weight.shape[0], dtype=dtype, device=net.layers[i].weight.device)
+              for i in range(net.num_hidden)]
     try:
         for x, y in batches:
             out = net.forward_all(x, keep_preacts=True)
@@ -354,6 +365,9 @@ def unit_size(net: TaggedNet, group: int, granularity: int) -> int:
 
 
 WINDOW = 8  # how far down the importance order the last unit of a round may be taken from
+# The adaptive quota aims to meet the budgets after this share of N_t, so that the last moves are
+# still followed by training before construction ends (what is left goes to retraining).
+MOVE_SHARE = 0.75
 
 
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
@@ -420,32 +434,64 @@ def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[
 
 
 def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
-              measured: list[torch.Tensor] | None = None, patience: int = 64) -> list[int]:
+              measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4) -> list[int]:
     """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
     into it, for i = 1..N, while every subnet stays within its MAC limit. Returns how many
     channels each subnet re-admitted.
 
     Moves overshoot (a conv neuron can be worth many times a round's quota), so construction
-    ends below its budgets; this spends what is left. A trial that breaks a limit is undone; a
-    subnet stops after ``patience`` such trials in a row.
+    ends below its budgets; this spends what is left. A trial is undone if it breaks a limit or
+    if the admitted channels would reach no logits (a reader must see them: an fc1 neuron joins
+    subnet i only once an fc2 neuron of subnet i can read it, which a later pass may provide).
+    A subnet stops after ``patience`` undone trials in a row (None: it tries every candidate);
+    ``passes`` sweeps over 1..N, since an admission can make another admissible.
     """
-    admitted = []
-    for i in range(1, net.num_subnets + 1):
-        count, misses = 0, 0
-        units = [u for tag in range(i + 1, net.num_subnets + 2)
-                 for u in _units(net, scores, tag, measured, granularity, descending=True)]
-        units.sort(key=lambda u: (u.waiting, -u.score))
-        for unit in units:
-            if misses >= patience:
-                break
-            undo = _trial_move(net, unit.group, unit.channels, i)
-            if all(m <= lim for m, lim in zip(net.macs_per_subnet(), limits)):
-                count, misses = count + len(unit.channels), 0
-            else:
-                undo()
-                misses += 1
-        admitted.append(count)
+    n = net.num_subnets
+    # MACs per layer per subnet, kept current: a trial re-counts only the layers it touches
+    table = [net.layer_macs_per_subnet(i) for i in range(net.num_hidden + 1)]
+    reach = net.reachable()
+    admitted = [0] * n
+    for _ in range(passes):
+        before = sum(admitted)
+        for i in range(1, n + 1):
+            units = [u for tag in range(i + 1, n + 2)
+                     for u in _units(net, scores, tag, measured, granularity, descending=True)]
+            units.sort(key=lambda u: (u.waiting, -u.score))
+            misses = 0
+            for unit in units:
+                if patience is not None and misses >= patience:
+                    break
+                touched = sorted(set(net.group_layers(unit.group)) | set(net.group_readers(unit.group)))
+                undo = _trial_move(net, unit.group, unit.channels, i)
+                rows = {j: net.layer_macs_per_subnet(j) for j in touched}
+                totals = [sum(rows[j][k] if j in rows else table[j][k] for j in range(len(table))) for k in range(n)]
+                if all(m <= lim for m, lim in zip(totals, limits)) and _read(net, unit, reach):
+                    for j, row in rows.items():
+                        table[j] = row
+                    reach = net.reachable()
+                    admitted[i - 1] += len(unit.channels)
+                    misses = 0
+                else:
+                    undo()
+                    misses += 1
+        if sum(admitted) == before:
+            break
     return admitted
+
+
+def _read(net: TaggedNet, unit: _Unit, reach: list[torch.Tensor]) -> bool:
+    """Whether every channel of ``unit`` (at its new tag) feeds the classifier or a reachable row
+    of some reader; ``reach`` is the reachability before the move (downstream of the unit, so a
+    move does not change it in a plain stack)."""
+    seen = torch.zeros(len(unit.channels), dtype=torch.bool)
+    index = torch.tensor(unit.channels)
+    for i in net.group_readers(unit.group):
+        mask = net.weight_mask(i)
+        use = mask.flatten(2).any(2) if mask.dim() > 2 else mask
+        if i < net.num_hidden:
+            use = use[reach[net.layer_group[i]] & (net.layer_tags(i) <= net.num_subnets)]
+        seen |= use.any(0).view(-1, net.in_repeat[i]).any(1)[index]
+    return bool(seen.all())
 
 
 def _trial_move(net: TaggedNet, group: int, channels: list[int], tag: int):
@@ -579,7 +625,7 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 # (fields of the other phase, and ``progress``, may differ).
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
-                       "fill_back", "granularity", "lr_schedule", "min_channels", "batch_size", "lr", "momentum",
+                       "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet", "min_channels", "batch_size", "lr", "momentum",
                        "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "batch_size",
                   "momentum", "weight_decay", "retrain_lr", "seed")
@@ -657,7 +703,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                 history["budgets_met"] = True
             else:
                 entry.update(_move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg,
-                                         limits, amount, cfg.iterations - it, carried))
+                                         limits, amount, max(1, math.ceil(MOVE_SHARE * cfg.iterations) - it),
+                                         carried))
                 history["carried_scores"] = [c.tolist() for c in carried]
             history["iterations"].append(entry)
             history["construction_seconds"] += time.perf_counter() - started
@@ -686,6 +733,12 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                       f"{trims} further move rounds were made without training", stacklevel=2)
     history["trim_rounds"] = trims
     if cfg.fill_back:
+        # A channel no reader sees contributes nothing to any subnet but costs MACs: dropping it
+        # changes no subnet's logits. Drop those, then spend what is left of each budget.
+        for g, seen in enumerate(net.reachable()):
+            idle = torch.nonzero(~seen & (net.tags(g) <= net.num_subnets)).squeeze(1)
+            if len(idle):
+                net.set_tags(g, idle, net.num_subnets + 1)
         batches = stream("fill-back")
         raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
         scores, measured = _scores(net, raw, cfg, carried)
@@ -831,7 +884,8 @@ class _StepView(ImageSet):
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                "lr_schedule": "constant"}
 # SteppingConfig fields a comparison may set through its options.
-CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "granularity", "lr_schedule", "normalize_importance",
+CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "granularity", "lr_schedule", "importance_of",
+                        "normalize_importance", "decay_per_subnet",
                         "suppression", "alpha_growth", "beta", "gamma", "min_channels")
 
 

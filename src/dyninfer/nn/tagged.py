@@ -433,8 +433,22 @@ class TaggedNet(nn.Module):
         rows = torch.nonzero(self.layer_tags(i) <= k).squeeze(1)
         return int(self._mask_slice(i, rows, cols).sum()) * self.out_positions[i]
 
+    def layer_macs_per_subnet(self, i: int) -> list[int]:
+        """``_layer_macs(i, k)`` for every subnet k at once (one mask, summed per tag)."""
+        n = self.num_subnets
+        if i < self.num_hidden and self.rule != "causal":
+            return [self._layer_macs(i, k) for k in range(1, n + 1)]
+        if i == self.num_hidden:  # classifier: live weights of the columns with tag <= k
+            per, tags, positions = self.alive(i).sum(0), self.input_tags(i), 1
+        else:  # causal: columns with tag > k are masked already in rows <= k
+            per, tags, positions = self.weight_mask(i).flatten(1).sum(1), self.layer_tags(i), self.out_positions[i]
+        by_tag = torch.bincount(tags, weights=per.to(torch.float64), minlength=n + 2)[1:n + 1]
+        return [int(v) * positions for v in by_tag.cumsum(0).round().long().tolist()]
+
     def macs_per_subnet(self) -> list[int]:
-        return [self.subnet_macs(subnet=k) for k in range(1, self.num_subnets + 1)]
+        """``subnet_macs(subnet=k)`` for k = 1..N (at the classifier)."""
+        rows = [self.layer_macs_per_subnet(i) for i in range(self.num_hidden + 1)]
+        return [sum(r[k] for r in rows) for k in range(self.num_subnets)]
 
     # ----------------------------------------------------------------- forward
     def _check_subnet(self, subnet) -> int:

@@ -46,6 +46,7 @@ class CompactLayer:
     dilation: tuple = (1, 1)
     post: nn.Module | None = None      # ReLU / pooling / flatten, shared by all steps
     bounds: list[int] = field(default_factory=list)  # rows with tag <= s are [:bounds[s]]
+    positions: int = 1                 # output positions per channel (H x W of a conv's output)
 
     def __post_init__(self) -> None:
         if not self.bounds:
@@ -205,6 +206,13 @@ class CompactNet(nn.Module):
         """MACs of each step: subnet 1 from scratch, then the increments k -> k+1."""
         m = self.macs()
         return [m[0]] + [b - a for a, b in zip(m, m[1:])]
+
+    def executed_step_macs(self) -> list[int]:
+        """MACs each step really multiplies: whole dense blocks, pruned weights (stored as zeros)
+        included. ``step_macs`` counts live weights only; the difference is the pruning the dense
+        blocks do not exploit."""
+        return [sum(layer.step_weights[s].numel() * layer.positions for layer in self.layers)
+                + self.classifier_steps[s].numel() for s in range(self.num_subnets)]
 
     def with_options(self, *, channels_last: bool | None = None, cache: str | None = None) -> "CompactNet":
         """The same net (weights shared) prepared with another memory format or cache mode."""
@@ -425,7 +433,7 @@ def compact(net: TaggedNet, *, channels_last: bool | None = None, cache: str = "
             tuple(layer.stride) if conv else (1, 1),
             (layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)) if conv else (0, 0),
             tuple(layer.dilation) if conv else (1, 1), nn.Sequential(*post).eval() if post else None,
-            row_bounds))
+            row_bounds, int(net.out_positions[i])))
         repeat = net.in_repeat[i + 1]
         in_order = (order.unsqueeze(1) * repeat + torch.arange(repeat)).reshape(-1)
         in_bounds = [b * repeat for b in row_bounds]
