@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stem", default=None, help="result file name (default compare_<model>_<data>)")
     parser.add_argument("--options", default=None,
                         help='per-method settings as JSON, e.g. \'{"stepping": {"granularity": 4}}\'')
+    parser.add_argument("--teacher", default=None, metavar="RUN",
+                        help="a `dyninfer train` run every method distils from (default: none)")
     parser.add_argument("--progress", action="store_true", help="progress bars inside each method")
     args = parser.parse_args(argv)
 
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(args.options)
     except ValueError as err:
         parser.error(str(err))
+    teacher = None
+    if args.teacher:
+        from dyninfer.cli import _load_trained
+
+        teacher, _ = _load_trained(Path(args.teacher))
 
     command = " ".join(["python", "benchmarks/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     machine = report.machine()
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=settings["lr"],
                          latency_batch=settings["latency_batch"], latency_repeats=settings["latency_repeats"],
                          data_root=args.data_root, stem=stem, progress=args.progress, command=command,
-                         options=options)
+                         options=options, teacher=teacher, teacher_name=args.teacher)
     text = compare.markdown(record)
     print("\n" + text.split("## Every subnet", 1)[0].rstrip())
     print(f"\ntotal {time.perf_counter() - start:.0f} s; wrote {', '.join(record['files'])}")

@@ -135,3 +135,21 @@ def test_us_can_be_deployed_at_another_methods_exact_fractions(split):
     with pytest.raises(ValueError, match="compared before us"):
         compare.run("lenet-5", split, methods=["us"], budgets=[0.5], steps=1, batch_size=16, latency_repeats=0,
                     options={"us": {"at": "stepping"}})
+
+
+def test_compare_command_takes_a_teacher_run_and_refuses_one_of_other_data(tmp_path, capsys):
+    from dyninfer.cli import CLIError, main
+
+    teacher = tmp_path / "orig"
+    assert main(["train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(teacher)]) == 0
+    args = _parser().parse_args(["compare", "--model", "lenet-5", "--data", "DIGITS", "--methods", "slimmable",
+                                 "--budgets", "0.3,0.9", "--steps", "2", "--batch-size", "32", "--latency-repeats",
+                                 "0", "--teacher", str(teacher), "--out", str(tmp_path / "cmp"), "--quiet"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["teacher"]["name"] == str(teacher) and 0 < saved["teacher"]["test_top1"] <= 1
+    assert "distils from the same teacher" in (tmp_path / "cmp" / "compare.md").read_text()
+    args = _parser().parse_args(["compare", "--model", "lenet-5", "--data", "fashion-mnist", "--steps", "1",
+                                 "--teacher", str(teacher), "--out", str(tmp_path / "other")])
+    with pytest.raises(CLIError, match="trained on digits, not fashion-mnist"):
+        args.func(args)

@@ -95,3 +95,32 @@ def test_method_on_model(method, model, split):
         steps = [executed(lambda: state["run"].step()) for _ in range(net.num_subnets - 1)]
         assert [first] + steps == [triangle[0]] + [b - a for a, b in zip(triangle, triangle[1:])]
         assert all(r <= t for r, t in zip(reported, triangle))
+
+
+class CountingTeacher(torch.nn.Module):
+    """A fixed teacher that counts the batches it scores (on the class: copies count too)."""
+
+    calls: list = []
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        CountingTeacher.calls.append(len(x))
+        return torch.linspace(-1, 1, self.num_classes).expand(len(x), -1)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_distils_from_the_comparisons_teacher(method, split):
+    """With ``Setup.teacher``, every training batch of every method is scored by the teacher
+    (SteppingNet: its retraining, Eq. 4)."""
+    train, _ = split
+    CountingTeacher.calls = []
+    s = setup_for("lenet-5", train)
+    s.teacher = CountingTeacher(train.num_classes)
+    net = get_method(method).build(s)
+    phases, calls = net.history["phases"], CountingTeacher.calls
+    distilled = phases.get("retrain", 0) if method.startswith("stepping") else net.history["optimizer_steps"]
+    assert distilled >= 1 and len(calls) >= distilled, (phases, len(calls))
+    assert all(c == s.batch_size for c in calls)

@@ -147,14 +147,17 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         steps: int = 1000, batch_size: int = 128, seed: int = 0, out: str | Path | None = None, *,
         lr: float = 0.05, options: dict[str, dict] | None = None, latency_batch: int = 128,
         latency_repeats: int = 9, data_root: str | None = None, stem: str = "compare", progress: bool = False,
-        command: str | None = None) -> dict:
+        command: str | None = None, teacher: nn.Module | None = None, teacher_name: str | None = None) -> dict:
     """Train and evaluate every method in ``methods``; returns the result record (also written
     as ``<out>/<stem>.{md,json,png}`` when ``out`` is given).
 
     ``data`` is a data set name for :func:`dyninfer.data.load` or a (train, test) pair.
     ``options[method]`` holds method-specific settings (``expansion`` for any method, fields
     of its config, SteppingNet's ``construct_fraction``/``iterations``/``teacher_fraction``).
-    ``latency_repeats=0`` skips timing.
+    ``latency_repeats=0`` skips timing. ``teacher`` (e.g. the trained original network) is the
+    same distillation teacher for every method: SteppingNet's Eq. 4 in retraining, and
+    gamma CE + (1 - gamma) KD for the others (:class:`dyninfer.methods.budget.Supervision`);
+    without it every method trains on plain cross-entropy.
     """
     from dyninfer import cost, models, report
     from dyninfer.methods.stepping import check_budgets
@@ -181,12 +184,23 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         raise ValueError(f"{', '.join(flat_only)} need(s) a flat nn.Sequential zoo model (lenet-5, lenet-3c1l, "
                          f"vgg-16); {model_name} is a {type(original).__name__}: compare it without them")
     reference = cost.macs(original, train.input_shape)
+    teacher_record = None
+    if teacher is not None:  # check it before any training: it must score this data's classes
+        teacher.eval()
+        with torch.no_grad():
+            scores = teacher(next(train.batches(2))[0])
+        if scores.shape != (2, train.num_classes):
+            raise ValueError(f"the teacher gives outputs of shape {tuple(scores.shape[1:])} per image; this data has "
+                             f"{train.num_classes} classes")
+        from dyninfer.train import evaluate as evaluate_model
+
+        teacher_record = {"name": teacher_name, "test_top1": float(evaluate_model(teacher, test)["top1"])}
 
     results: dict[str, dict] = {}
     nets: dict[str, Any] = {}
     for name in methods:
         setup = Setup(model_name, train, budgets, steps, batch_size, seed, lr, reference, progress,
-                      dict(options.get(name, {})), {n: r["mac_fractions"] for n, r in results.items()})
+                      dict(options.get(name, {})), {n: r["mac_fractions"] for n, r in results.items()}, teacher)
         log.info("%s: training (%d steps x %d)", name, steps, batch_size)
         start = time.perf_counter()
         with _StepCounter() as counter:
@@ -246,7 +260,7 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         "model": model_name, "data": train.name, "train_n": len(train), "test_n": len(test),
         "input_shape": list(train.input_shape), "budgets": budgets, "steps": steps, "batch_size": batch_size,
         "samples_per_method": steps * batch_size, "seed": seed, "lr": lr, "reference_macs": reference,
-        "options": options, "match_tolerance": MATCH_TOLERANCE,
+        "options": options, "match_tolerance": MATCH_TOLERANCE, "teacher": teacher_record,
         "latency": {"batch": latency_batch, "repeats": latency_repeats, "original": original_latency},
         "machine": report.machine(), "command": command, "methods": results, "matched": table,
     }
@@ -281,7 +295,11 @@ def markdown(record: dict) -> str:
         f"seed {record['seed']}, SGD lr {record['lr']} (cosine), {record['train_n']} training / "
         f"{record['test_n']} test images. MACs are fractions of the original {record['model']} "
         f"({record['reference_macs']:,} MACs). Weight decay 5e-4 means the same in every method: each live "
-        f"weight decays once per batch (torch's SGD weight_decay), however many subnets share it.",
+        f"weight decays once per batch (torch's SGD weight_decay), however many subnets share it. "
+        + (f"Every method distils from the same teacher, {record['teacher']['name'] or 'given'} "
+           f"({100 * record['teacher']['test_top1']:.2f} % test top-1): Eq. 4 for SteppingNet's retraining, "
+           f"0.4 CE + 0.6 KD for the others." if record.get("teacher") else "No teacher: every method trains on "
+           "cross-entropy."),
         f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}.", "",
         "## Test accuracy (%) at matched MAC budgets", "",
         f"Cell: accuracy of the largest subnet whose MACs are within the budget "

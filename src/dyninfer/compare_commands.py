@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 EXAMPLE = ("dyninfer compare --model lenet-5 --data fashion-mnist "
            "--methods stepping,slimmable,us,anywidth,earlyexit,individual --budgets 0.15,0.3,0.6,0.85 "
@@ -42,11 +43,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         logging.getLogger("dyninfer.compare").setLevel(logging.INFO)
+    teacher = None
+    if args.teacher:
+        from dyninfer.cli import CLIError, _load_trained
+        from dyninfer.data import canonical_name
+
+        teacher, meta = _load_trained(Path(args.teacher))
+        if canonical_name(meta["data"]) != canonical_name(args.data):
+            raise CLIError(f"the teacher in {args.teacher} was trained on {meta['data']}, not {args.data}")
     record = compare.run(args.model, args.data, methods=methods, budgets=budgets, steps=args.steps,
                          batch_size=args.batch_size, seed=args.seed, out=args.out, lr=args.lr,
                          options=parse_options(args.options), latency_batch=args.latency_batch,
                          latency_repeats=args.latency_repeats, data_root=args.data_root, stem=args.stem,
-                         progress=not args.quiet, command=" ".join(["dyninfer"] + sys.argv[1:]))
+                         progress=not args.quiet, command=" ".join(["dyninfer"] + sys.argv[1:]),
+                         teacher=teacher, teacher_name=args.teacher)
     text = compare.markdown(record)
     table = text.split("## Test accuracy (%) at matched MAC budgets", 1)[1].split("## Every subnet", 1)[0]
     print("Test accuracy (%) at matched MAC budgets" + table.rstrip())
@@ -76,6 +86,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--options", default=None,
                    help="JSON of per-method settings, e.g. '{\"stepping\": {\"teacher_fraction\": 0.2}}'")
+    p.add_argument("--teacher", default=None, metavar="RUN",
+                   help="a `dyninfer train` run every method distils from (default: none, plain cross-entropy)")
     p.add_argument("--latency-batch", type=int, default=128)
     p.add_argument("--latency-repeats", type=int, default=9, help="0 skips timing")
     p.add_argument("--out", required=True, help="directory for <stem>.md, .json and .png")

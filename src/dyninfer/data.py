@@ -605,7 +605,8 @@ DATASETS: tuple[str, ...] = tuple(_SPECS)
 _ALIASES = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The one spelling of a data set name (``DIGITS``, ``fashion_mnist``, ``CIFAR-10`` -> digits, ...)."""
     if not isinstance(name, str):
         raise ValueError(
             f"data set name must be a string, got {name!r}; valid: {', '.join(DATASETS)}")
@@ -616,6 +617,9 @@ def _canonical(name: str) -> str:
             return canonical
     raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)} "
                      f"(case-insensitive; also fashion_mnist, fmnist, cifar-10, cifar-100)")
+
+
+_canonical = canonical_name
 
 
 def _to_nchw(x: np.ndarray, shape: tuple[int, int, int], what: str) -> np.ndarray:

@@ -80,6 +80,35 @@ class StepLog:
                 "final_loss": tail}
 
 
+class Supervision:
+    """The loss a method trains each subnet with: cross-entropy, or, given a teacher, the mix
+    SteppingNet's Eq. 4 uses, gamma CE + (1 - gamma) KD(teacher || subnet), so every method of a
+    comparison learns from the same teacher in the same way. ``targets(x)`` runs the (frozen,
+    BN-folded) teacher once per batch; ``loss(logits, y, targets)`` is the per-subnet loss."""
+
+    def __init__(self, teacher: torch.nn.Module | None = None, gamma: float = 0.4, temperature: float = 1.0):
+        from dyninfer.train import FrozenTeacher
+
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        self.teacher = None if teacher is None else (
+            teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
+        self.gamma, self.temperature = float(gamma), float(temperature)
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.teacher(x) if self.teacher is not None else None
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        from dyninfer.train import kd_loss
+
+        ce = F.cross_entropy(logits, y)
+        if targets is None:
+            return ce
+        return self.gamma * ce + (1 - self.gamma) * kd_loss(logits, targets, self.temperature)
+
+
 def batch_stream(data: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless full batches: shuffled, augmented, seeded; the pipeline every method trains on."""
     if len(data) < batch_size:

@@ -40,7 +40,9 @@ from dyninfer.methods.allocate import (
 from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recalibrate_bn, reference_of
 from dyninfer.methods.baselines.individual import reinitialise
 from dyninfer.methods.baselines.slimmable import SlimmableNet
-from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd, split_steps
+from dyninfer.methods.budget import (
+    BaselineConfig, StepLog, Supervision, batch_stream, loss_step, run_steps, sgd, split_steps,
+)
 from dyninfer.methods.face import load_tagged
 from dyninfer.methods.importance import IMPORTANCES, group_lasso
 from dyninfer.methods.registry import Setup, register_method
@@ -175,9 +177,13 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
 
 
 def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], config: NonUniformConfig | None = None,
-          *, reference_macs: int | None = None, cache_dir: str | None = None) -> NonUniformNet | SubnetList:
-    """The whole method (module docstring): warm-up, widths, joint sandwich training, BN recalibration."""
+          *, reference_macs: int | None = None, cache_dir: str | None = None,
+          teacher: nn.Module | None = None) -> NonUniformNet | SubnetList:
+    """The whole method (module docstring): warm-up, widths, joint sandwich training, BN recalibration.
+    With ``teacher``, the warm-up and the largest subnet distil from it (the others keep the
+    in-place KD from the largest)."""
     cfg = config or NonUniformConfig()
+    supervision = Supervision(teacher)
     budgets = check_budgets(budgets)
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
@@ -189,7 +195,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
         view = TaggedNet(model, 1, shape)  # shares the model's layers: the penalty sees its groups
 
         def warm_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            loss = F.cross_entropy(model(x), y)
+            loss = supervision.loss(model(x), y, supervision.targets(x))
             return loss + cfg.group_lasso * group_lasso(view) if cfg.group_lasso else loss
 
         model.train()
@@ -203,7 +209,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
     net, n = nu.net, nu.num_subnets
     joint = cfg.steps - warmup
     if cfg.individual:
-        return _train_individually(nu, train_set, joint, log, cfg)
+        return _train_individually(nu, train_set, joint, log, cfg, supervision)
     generator = torch.Generator().manual_seed(cfg.seed + 7)
     net.train()
     if joint:
@@ -211,12 +217,12 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
 
         def sandwich(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             largest = net(x, n)
-            loss = F.cross_entropy(largest, y)
-            teacher = largest.detach()
+            loss = supervision.loss(largest, y, supervision.targets(x))
+            inplace = largest.detach()
             middle = list(range(2, n))
             drawn = [middle[i] for i in torch.randperm(len(middle), generator=generator)[:cfg.num_random]]
             for k in sorted({1, *drawn} - {n}):
-                loss = loss + kd_loss(net(x, k), teacher, cfg.temperature)
+                loss = loss + kd_loss(net(x, k), inplace, cfg.temperature)
             return loss
 
         run_steps(loss_step(sandwich, optimizer), optimizer, stream, joint, log, "sandwich", cfg.progress)
@@ -230,7 +236,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
 
 
 def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log: StepLog,
-                        cfg: NonUniformConfig) -> SubnetList:
+                        cfg: NonUniformConfig, supervision: Supervision) -> SubnetList:
     """Ablation: the same widths as independent dense copies, each from scratch on its share of
     ``steps`` (the individually trained baseline, with non-uniform widths)."""
     copies = []
@@ -238,7 +244,8 @@ def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log:
         torch.manual_seed(cfg.seed + k)
         narrow = reinitialise(nu.net.dense(k, fold_bn=False)).train()
         optimizer = sgd(narrow.parameters(), cfg)
-        run_steps(loss_step(lambda x, y, m=narrow: F.cross_entropy(m(x), y), optimizer), optimizer,
+        run_steps(loss_step(lambda x, y, m=narrow: supervision.loss(m(x), y, supervision.targets(x)), optimizer),
+                  optimizer,
                   batch_stream(train_set, cfg.batch_size, cfg.seed), share, log, f"subnet-{k}", cfg.progress)
         copies.append(narrow.eval())
     history = {**nu.history, "method": "nonuniform-individual", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
@@ -249,7 +256,8 @@ def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log:
 @register_method("nonuniform", "non-uniform subnets (importance-chosen per-layer widths, sandwich + KD)", order=15)
 def build_for_comparison(s: Setup) -> NonUniformNet:
     model = s.create(float(s.options.get("expansion", 1.0)))
-    return train(model, s.train, s.budgets, s.config(NonUniformConfig), reference_macs=s.reference_macs)
+    return train(model, s.train, s.budgets, s.config(NonUniformConfig), reference_macs=s.reference_macs,
+                 teacher=s.teacher)
 
 
 @register_method("nonuniform-individual", "the non-uniform widths, each subnet trained alone (budget split)",
@@ -257,4 +265,4 @@ def build_for_comparison(s: Setup) -> NonUniformNet:
 def build_individual_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train(model, s.train, s.budgets, s.config(NonUniformConfig, individual=True),
-                 reference_macs=s.reference_macs)
+                 reference_macs=s.reference_macs, teacher=s.teacher)

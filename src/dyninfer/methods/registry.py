@@ -42,6 +42,7 @@ class Setup:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, list[float]] = field(default_factory=dict)  # MAC fractions of methods run so far
+    teacher: nn.Module | None = None  # the same distillation teacher for every method (None: plain CE)
 
     def create(self, expansion: float) -> nn.Module:
         torch.manual_seed(self.seed)

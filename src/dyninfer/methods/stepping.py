@@ -922,8 +922,10 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
     if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
         raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
                          f"got {construct_fraction}, {teacher_fraction}")
+    if s.teacher is not None and teacher_fraction:
+        raise ValueError(f"{method}: a comparison teacher is given, so teacher_fraction must be 0 (got {teacher_fraction})")
     steplog = StepLog()
-    teacher = None
+    teacher = s.teacher  # the comparison's shared teacher: Eq. 4 in retraining
     teacher_steps = round(s.steps * teacher_fraction)
     if teacher_steps:
         teacher = s.create(1.0).train()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from dyninfer.data import ImageSet
 from dyninfer.methods import stepping
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, batch_stream, input_shape_of, match_prefix_counts, reference_of, run_steps,
+    BaselineConfig, StepLog, Supervision, batch_stream, input_shape_of, match_prefix_counts, reference_of, run_steps,
 )
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
@@ -52,7 +52,7 @@ def build(model: nn.Sequential, budgets: Sequence[float], input_shape: Sequence[
 
 
 def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: AnyWidthConfig | None = None,
-          *, reference_macs: int | None = None) -> AnyWidthNet:
+          *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> AnyWidthNet:
     """Train an any-width network from ``model`` (expanded like SteppingNet's for large budgets)."""
     cfg = config or AnyWidthConfig()
     shape = input_shape_of(model, train_set)
@@ -65,8 +65,10 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
                                    progress=cfg.progress)
     optimizer = stepping.make_optimizer(net, cfg.lr, scfg)  # weight decay is applied per tag in the step
 
+    supervision = Supervision(teacher, scfg.gamma, scfg.temperature)  # train_step mixes CE and KD as Eq. 4
+
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        return sum(stepping.train_step(net, x, y, optimizer, scfg))
+        return sum(stepping.train_step(net, x, y, optimizer, scfg, supervision.targets(x)))
 
     log = StepLog()
     net.train()
@@ -82,7 +84,8 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
 @register_method("anywidth", "any-width (causal rule, regular groups, joint losses)", order=30)
 def build_for_comparison(s: Setup) -> AnyWidthNet:
     model = s.create(float(s.options.get("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0))))
-    return train(model, s.train, s.budgets, s.config(AnyWidthConfig), reference_macs=s.reference_macs)
+    return train(model, s.train, s.budgets, s.config(AnyWidthConfig), reference_macs=s.reference_macs,
+                 teacher=s.teacher)
 
 
 __all__ = ["AnyWidthConfig", "AnyWidthNet", "build", "train"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, batch_stream, check_input, check_subnet, evaluate_subnets, input_shape_of,
+    BaselineConfig, StepLog, Supervision, batch_stream, check_input, check_subnet, evaluate_subnets, input_shape_of,
     loss_step, reference_of, run_steps, sgd,
 )
 from dyninfer.nn.tagged import fold_sequential
@@ -202,8 +202,9 @@ class EarlyExitSession(AnytimeSession):
 
 
 def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | None = None,
-          *, reference_macs: int | None = None) -> EarlyExitNet:
-    """Add exits to ``model`` and train trunk and heads jointly."""
+          *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> EarlyExitNet:
+    """Add exits to ``model`` and train trunk and heads jointly (every exit distils from
+    ``teacher`` when one is given)."""
     cfg = config or EarlyExitConfig()
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
@@ -211,8 +212,11 @@ def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | N
     net = EarlyExitNet.from_model(model, shape, reference, cfg.exits, cfg.head_pool)
     optimizer = sgd(net.parameters(), cfg)
 
+    supervision = Supervision(teacher)
+
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sum(F.cross_entropy(logits, y) for logits in net.forward_all(x))
+        targets = supervision.targets(x)
+        return sum(supervision.loss(logits, y, targets) for logits in net.forward_all(x))
 
     log = StepLog()
     net.train()
@@ -228,7 +232,7 @@ def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | N
 @register_method("earlyexit", "early exit (heads after each stage)", flat_only=True, order=40)
 def build_for_comparison(s: Setup):
     model = s.create(float(s.options.get("expansion", 1.0)))
-    return train(model, s.train, s.config(EarlyExitConfig), reference_macs=s.reference_macs)
+    return train(model, s.train, s.config(EarlyExitConfig), reference_macs=s.reference_macs, teacher=s.teacher)
 
 
 __all__ = ["EarlyExitConfig", "EarlyExitNet", "EarlyExitSession", "make_head", "stage_ends", "train"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, SubnetList, batch_stream, input_shape_of, loss_step, reference_of, run_steps, sgd,
+    BaselineConfig, StepLog, SubnetList, Supervision, batch_stream, input_shape_of, loss_step, reference_of, run_steps, sgd,
     split_steps,
 )
 from dyninfer.methods.baselines.slimmable import build
@@ -56,14 +56,16 @@ def reinitialise(model: nn.Module) -> nn.Module:
     return model
 
 
-def _ce_step(model: nn.Module, optimizer: torch.optim.Optimizer):
-    return loss_step(lambda x, y: F.cross_entropy(model(x), y), optimizer)
+def _ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, supervision: Supervision):
+    return loss_step(lambda x, y: supervision.loss(model(x), y, supervision.targets(x)), optimizer)
 
 
 def train_individual(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float],
-                     config: IndividualConfig | None = None, *, reference_macs: int | None = None) -> SubnetList:
+                     config: IndividualConfig | None = None, *, reference_macs: int | None = None,
+                     teacher: nn.Module | None = None) -> SubnetList:
     """N narrow copies of ``model`` (widths matched to ``budgets``), each trained from scratch
-    on its share of ``config.steps``."""
+    on its share of ``config.steps`` (distilling from ``teacher`` when one is given)."""
+    supervision = Supervision(teacher)
     cfg = config or IndividualConfig()
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
@@ -77,7 +79,7 @@ def train_individual(model: nn.Sequential, train_set: ImageSet, budgets: Sequenc
         torch.manual_seed(cfg.seed + k)
         narrow = reinitialise(tagged.dense(k, fold_bn=False)).train()
         optimizer = sgd(narrow.parameters(), cfg)
-        run_steps(_ce_step(narrow, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), steps,
+        run_steps(_ce_step(narrow, optimizer, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), steps,
                   log, f"subnet-{k}", cfg.progress)
         subnets.append(narrow.eval())
     history = {"method": "individual", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
@@ -95,11 +97,12 @@ def slice_subnets(model: nn.Sequential, budgets: Sequence[float], input_shape: S
 
 
 def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: SliceConfig | None = None,
-                 *, reference_macs: int | None = None) -> SubnetList:
-    """Train ``model`` in full, slice it to ``budgets``; with ``finetune_fraction > 0`` each
+                 *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> SubnetList:
+    """Train ``model`` in full (distilling from ``teacher`` when one is given), slice it to ``budgets``; with ``finetune_fraction > 0`` each
     slice then fine-tunes its own classifier copy while its BatchNorm statistics follow the
     slice's features (trunk weights and BN affine parameters frozen)."""
     cfg = config or SliceConfig()
+    supervision = Supervision(teacher)
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
     n = len(budgets)
@@ -111,7 +114,7 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
     torch.manual_seed(cfg.seed)
     model.train()
     optimizer = sgd(model.parameters(), cfg)
-    run_steps(_ce_step(model, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+    run_steps(_ce_step(model, optimizer, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
               cfg.steps - finetune, log, "full", cfg.progress)
     model.eval()
     subnets, counts, multipliers = slice_subnets(model, budgets, shape, reference)
@@ -123,7 +126,7 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
                 p.requires_grad_(p is classifier.weight or p is classifier.bias)
             subnet.train()  # BN statistics follow the slice; its affine parameters are frozen
             optimizer = sgd(classifier.parameters(), cfg, cfg.finetune_lr)
-            run_steps(_ce_step(subnet, optimizer), optimizer,
+            run_steps(_ce_step(subnet, optimizer, supervision), optimizer,
                       batch_stream(train_set, cfg.batch_size, cfg.seed + k), steps, log, f"finetune-{k}",
                       cfg.progress)
             for p in subnet.parameters():
@@ -140,21 +143,22 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
 @register_method("individual", "individually trained narrow copies (budget split)", order=50)
 def build_individual_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
-    return train_individual(model, s.train, s.budgets, s.config(IndividualConfig), reference_macs=s.reference_macs)
+    return train_individual(model, s.train, s.budgets, s.config(IndividualConfig), reference_macs=s.reference_macs,
+                            teacher=s.teacher)
 
 
 @register_method("slice", "brute-force slicing of one full model", order=60)
 def build_slice_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.0),
-                        reference_macs=s.reference_macs)
+                        reference_macs=s.reference_macs, teacher=s.teacher)
 
 
 @register_method("slice-ft", "slicing + classifier fine-tuning (20 % of steps)", order=70)
 def build_slice_ft_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.2),
-                        reference_macs=s.reference_macs)
+                        reference_macs=s.reference_macs, teacher=s.teacher)
 
 
 __all__ = ["IndividualConfig", "SliceConfig", "reinitialise", "slice_subnets", "train_individual", "train_sliced"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, batch_stream, evaluate_subnets, input_shape_of, loss_step,
+    BaselineConfig, StepLog, Supervision, batch_stream, evaluate_subnets, input_shape_of, loss_step,
     match_prefix_counts, reference_of, run_steps, sgd,
 )
 from dyninfer.methods.face import TaggedSubnets
@@ -75,8 +75,9 @@ def build(model: nn.Sequential, budgets: Sequence[float], input_shape: Sequence[
 
 
 def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: SlimmableConfig | None = None,
-          *, reference_macs: int | None = None) -> SlimmableNet:
-    """Train a slimmable network from ``model`` (usually the original, expansion 1.0)."""
+          *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> SlimmableNet:
+    """Train a slimmable network from ``model`` (usually the original, expansion 1.0); with
+    ``teacher``, every width distils from it (:class:`~dyninfer.methods.budget.Supervision`)."""
     cfg = config or SlimmableConfig()
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
@@ -86,8 +87,11 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     log = StepLog()
     optimizer = sgd(net.parameters(), cfg)
 
+    supervision = Supervision(teacher)
+
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sum(F.cross_entropy(net(x, k), y) for k in range(1, n + 1))
+        targets = supervision.targets(x)
+        return sum(supervision.loss(net(x, k), y, targets) for k in range(1, n + 1))
 
     net.train()
     run_steps(loss_step(loss_fn, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
@@ -102,7 +106,8 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
 @register_method("slimmable", "slimmable (full rule, switchable BN, summed losses)", order=10)
 def build_for_comparison(s: Setup) -> SlimmableNet:
     model = s.create(float(s.options.get("expansion", 1.0)))
-    return train(model, s.train, s.budgets, s.config(SlimmableConfig), reference_macs=s.reference_macs)
+    return train(model, s.train, s.budgets, s.config(SlimmableConfig), reference_macs=s.reference_macs,
+                 teacher=s.teacher)
 
 
 __all__ = ["SlimmableConfig", "SlimmableNet", "build", "train"]

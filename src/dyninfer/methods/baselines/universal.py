@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, batch_stream, input_shape_of, loss_step, prefix_counts, recalibrate_bn,
+    BaselineConfig, StepLog, Supervision, batch_stream, input_shape_of, loss_step, prefix_counts, recalibrate_bn,
     reference_of, run_steps, sgd,
 )
 from dyninfer.methods.baselines.slimmable import SlimmableNet, build
@@ -60,8 +60,10 @@ def sandwich_widths(low: float, high: float, num_random: int, generator: torch.G
 
 
 def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: USConfig | None = None,
-          *, reference_macs: int | None = None) -> SlimmableNet:
-    """Train a US-Net from ``model`` and return it at the widths matching ``budgets``."""
+          *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> SlimmableNet:
+    """Train a US-Net from ``model`` and return it at the widths matching ``budgets``. With
+    ``teacher``, the largest width distils from it; the others keep the in-place KD from the largest."""
+    supervision = Supervision(teacher)
     cfg = config or USConfig()
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
@@ -85,10 +87,10 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
         sampled.append(step_widths)
         sampler.set_prefix_tags([prefix_counts(widths, w) for w in step_widths])
         largest = sampler(x, n)
-        loss = F.cross_entropy(largest, y)
-        teacher = largest.detach()
+        loss = supervision.loss(largest, y, supervision.targets(x))
+        inplace = largest.detach()
         for k in range(1, n):
-            loss = loss + kd_loss(sampler(x, k), teacher, cfg.temperature)
+            loss = loss + kd_loss(sampler(x, k), inplace, cfg.temperature)
         return loss
 
     log = StepLog()
@@ -134,7 +136,7 @@ def build_for_comparison(s: Setup):
                              f"so far: {sorted(s.previous)}")
         budgets = check_budgets([min(1.0, f) for f in s.previous[s.options["at"]]])
     model = s.create(float(s.options.get("expansion", 1.0)))
-    return train(model, s.train, budgets, s.config(USConfig), reference_macs=s.reference_macs)
+    return train(model, s.train, budgets, s.config(USConfig), reference_macs=s.reference_macs, teacher=s.teacher)
 
 
 __all__ = ["USConfig", "deploy", "sandwich_widths", "train"]
