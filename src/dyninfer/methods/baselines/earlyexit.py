@@ -18,7 +18,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
