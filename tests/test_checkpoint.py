@@ -217,3 +217,17 @@ def test_pack_state_refuses_what_json_cannot_hold():
         ckpt.pack_state({"x": object()}, "opt")
     skeleton = ckpt.pack_state({1: (2, "a"), "__odd": [None]}, "s")[1]
     assert ckpt.unpack_state(json.loads(json.dumps(skeleton)), {}) == {1: (2, "a"), "__odd": [None]}
+
+
+def test_bytes_flipped_inside_the_tensor_file_are_caught(tmp_path):
+    from dyninfer import checkpoint as ckpt
+
+    stem = tmp_path / "w"
+    tensors = {"w": torch.arange(4096, dtype=torch.float32)}
+    ckpt.save(stem, tensors, {"a": 1})
+    tensor_file, _ = ckpt.paths(stem)
+    data = bytearray(tensor_file.read_bytes())
+    data[-100] ^= 0x40  # a payload byte: the file still parses as safetensors
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged: its SHA-256 differs"):
+        ckpt.load(stem)

@@ -102,3 +102,31 @@ def test_demo_runs_end_to_end_small(capsys, tmp_path):
     assert "original network" in out and "subnet 4" in out and "incremental check" in out
     table = json.loads((tmp_path / "demo" / "table.json").read_text())
     assert len(table["accuracy"]) == 4 and all(0 <= a <= 1 for a in table["accuracy"])
+
+
+def test_a_second_run_on_the_same_out_is_refused_with_the_holders_pid(capsys, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".dyninfer.lock").write_text(f"{os.getpid()} train\n")  # a live holder: this process
+    code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(out))
+    assert code == 2 and f"in use by another dyninfer run (pid {os.getpid()})" in err
+    assert not (out / "run.json").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".dyninfer.lock").write_text(f"{gone.stdout.strip()} train\n")  # its process has exited: stale
+    code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(out))
+    assert code == 0, err
+    assert (out / "run.json").exists() and not (out / ".dyninfer.lock").exists()
+
+
+def test_a_refused_run_leaves_no_folder_and_a_bad_out_is_named(capsys, tmp_path):
+    out = tmp_path / "new"
+    code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "imagenet-99", "--out", str(out))
+    assert code == 2 and not out.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--out", str(blocker / "sub"))
+    assert code == 2 and str(blocker / "sub") in err and "Traceback" not in err

@@ -89,25 +89,31 @@ def test_step_down_returns_earlier_logits_exactly():
 
 
 @pytest.mark.parametrize("bn", [True, False])
-def test_dl_dr_matches_finite_difference(bn):
-    """Eq. 2: r_j multiplies neuron j's weighted sum, not its bias (nor BatchNorm's shift)."""
+@pytest.mark.parametrize("of", ["weighted_sum", "output"])
+def test_dl_dr_matches_finite_difference(bn, of):
+    """Eq. 2: r_j multiplies neuron j's weighted sum (bias and BatchNorm shift excluded), or with
+    importance_of="output" its whole output, bias included."""
     torch.manual_seed(1)
     net = TaggedSequential(toy_model(bn=bn), 1, SHAPE).double()
     with torch.no_grad():  # a bias large enough that counting it would change the score
         net.layers[1].bias = nn.Parameter(torch.full((8,), 0.7, dtype=torch.float64))
     warm_bn(net, torch.randn(16, *SHAPE, dtype=torch.float64))
     x, y = torch.randn(6, *SHAPE, dtype=torch.float64), torch.randint(0, 10, (6,))
-    cfg = SteppingConfig(alpha_growth=1.5, normalize_importance=False)
+    cfg = SteppingConfig(alpha_growth=1.5, normalize_importance=False, importance_of=of)
     scores = importance(net, [(x, y)], cfg)
     layer, channel, eps = 1, 3, 1e-6
     weight = net.layers[layer].weight
+    scaled = [weight] if of == "weighted_sum" else (
+        [net.norms[layer].weight, net.norms[layer].bias] if bn else [weight, net.layers[layer].bias])
 
-    def loss_at(r):  # r scales the neuron's incoming weights: its weighted sum, bias excluded
+    def loss_at(r):  # r scales the incoming weights (weighted sum), or the output: BN's affine / weights + bias
         with torch.no_grad():
-            saved = weight[channel].clone()
-            weight[channel] *= r
+            saved = [p[channel].clone() for p in scaled]
+            for p in scaled:
+                p[channel] *= r
             loss = F.cross_entropy(net(x), y).item()
-            weight[channel] = saved
+            for p, v in zip(scaled, saved):
+                p[channel] = v
         return loss
 
     fd = (loss_at(1 + eps) - loss_at(1 - eps)) / (2 * eps)

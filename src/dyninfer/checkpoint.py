@@ -75,6 +75,14 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _temp_in(directory: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -127,7 +135,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Map
     meta = dict(meta or {})
     token = uuid.uuid4().hex
     try:
-        text = json.dumps({"format": FORMAT, "token": token, "meta": meta}, indent=2)
+        json.dumps(meta)
     except (TypeError, ValueError) as err:
         raise TypeError(f"checkpoint meta must be JSON-serialisable ({err}); keys: {sorted(meta)}") from None
     prepared = _prepare_tensors(tensors)
@@ -137,6 +145,8 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Map
     try:
         save_file(prepared, str(tmp_tensors), metadata={_TOKEN_KEY: token})
         _fsync(tmp_tensors)
+        # the tensor file's checksum: bytes flipped later (disk, copy, hand edit) are caught on load
+        text = json.dumps({"format": FORMAT, "token": token, "sha256": _sha256(tmp_tensors), "meta": meta}, indent=2)
         with open(tmp_json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
             f.flush()
@@ -177,6 +187,10 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
             f"{str(tensor_file)!r} and {str(json_file)!r} come from different saves (a write was "
             "interrupted, or one file was replaced by hand); restore both files of one save"
         )
+    expected = sidecar.get("sha256")  # absent in checkpoints written before checksums
+    if expected is not None and _sha256(tensor_file) != expected:
+        raise ValueError(f"{str(tensor_file)!r} is damaged: its SHA-256 differs from the one recorded in "
+                         f"{str(json_file)!r} when it was saved; restore it from a copy or rerun the command")
     return tensors, sidecar.get("meta", {})
 
 

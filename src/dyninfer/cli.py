@@ -350,11 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    out = getattr(args, "out", None)
+    created = out is not None and not Path(out).exists()
     try:
-        return args.func(args)
+        if out is None:
+            return args.func(args)
+        # every command with --out writes there: check it before any work, and hold its lock
+        runs.prepare_out(out)
+        with runs.lock(out, args.command):
+            return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"dyninfer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a run refused before its work leaves no empty folder behind
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,14 +7,22 @@ checkpoints and reports; every command that reads a run goes through :func:`read
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from dyninfer import checkpoint, models
 from dyninfer.methods import doubly_nested, lcnet, nonuniform, stepping
 
-__all__ = ["KINDS", "prepare_out", "write_meta", "read_meta", "load"]
+__all__ = ["KINDS", "MIN_FREE_BYTES", "prepare_out", "lock", "write_meta", "read_meta", "load"]
+
+# A run writes checkpoints, metrics and reports as it goes; below this much free space it would
+# fail part-way, so it is refused before it starts.
+MIN_FREE_BYTES = 64 * 2**20
+LOCK_NAME = ".dyninfer.lock"
 
 # kind -> the command that makes it (for error messages)
 KINDS = {"train": ("dyninfer train",), "stepping": ("dyninfer construct", "dyninfer demo"),
@@ -38,7 +46,51 @@ def prepare_out(out: str | Path, flag: str = "--out") -> Path:
         probe.unlink()
     except OSError as err:
         raise ValueError(f"{flag} {path} cannot be created or written ({err.strerror})") from None
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise ValueError(f"{flag} {path} has {free / 2**20:.0f} MiB free; a run needs at least "
+                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB for its checkpoints and reports")
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def lock(out: str | Path, command: str = "run") -> Iterator[Path]:
+    """Hold ``out``'s lock file while a command writes there: a second run on the same folder is
+    refused with the holder's pid (two runs would interleave metrics.jsonl and checkpoints).
+    A lock left by a process that no longer exists is taken over."""
+    path = Path(out) / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                holder = None
+            if holder is not None and _alive(holder):
+                raise ValueError(f"{out} is in use by another dyninfer run (pid {holder}); wait for it to finish "
+                                 f"or choose another --out") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {command}\n")
+        break
+    else:
+        raise ValueError(f"could not take the lock {path}")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def write_meta(out: str | Path, meta: dict) -> Path:
