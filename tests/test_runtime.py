@@ -402,3 +402,26 @@ def test_bench_command_writes_the_json_keys(tmp_path, capsys):
         assert s["ratios"]["mac_ratio"][-1] == 1.0 and s["ratios"]["subnet_over_largest"][-1] == 1.0
     assert "| subnet |" in (run / "bench.md").read_text()
     assert "machine:" in capsys.readouterr().out
+
+
+def test_a_non_finite_input_row_spoils_only_its_own_logits():
+    """Documented pass-through (dyninfer.checks.check_input): NaN/inf rows are not rejected, and
+    in eval mode they touch no other row, in the masked form, the compacted session and export."""
+    from dyninfer import export
+    from dyninfer.nn.tagged import TaggedSequential
+    from helpers import random_tags
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(6 * 8 * 8, 10))
+    net = TaggedSequential(model, 2, (1, 8, 8))
+    random_tags(net, 3)
+    net.eval()
+    x = torch.randn(4, 1, 8, 8)
+    bad = x.clone()
+    bad[1, 0, 2, 2], bad[2, 0, 0, 0] = float("nan"), float("inf")
+    cnet = compact(net)
+    for forward in (lambda v: net(v, subnet=2), lambda v: cnet.start(v).step(), lambda v: export.subnet(net, 2)(v)):
+        clean, spoiled = forward(x), forward(bad)
+        assert not torch.isfinite(spoiled[1]).all() and not torch.isfinite(spoiled[2]).all()
+        torch.testing.assert_close(spoiled[[0, 3]], clean[[0, 3]])

@@ -18,7 +18,13 @@ def check_subnet(subnet, num_subnets: int) -> int:
 
 
 def check_input(x, input_shape: Sequence[int]) -> None:
-    """A ValueError unless ``x`` is a (batch, C, H, W) tensor of ``input_shape``."""
+    """A ValueError unless ``x`` is a (batch, C, H, W) tensor of ``input_shape``.
+
+    Values are not scanned (that would cost a pass over every input on the hot path): a NaN or
+    inf passes through, and since inference (eval mode) computes every row on its own, it makes
+    only its own row's logits non-finite; the other rows are exactly what they would be alone.
+    Validate inputs that can be non-finite yourself; the CLI reads uint8 image files, which cannot be.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected input of shape (batch, {', '.join(map(str, input_shape))}), got {got}")
