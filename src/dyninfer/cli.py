@@ -12,6 +12,7 @@ import importlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -350,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        # a library warning reaches a CLI user as one line, not as a source location and code line
+        warnings.showwarning = lambda message, category, *_, **__: print(
+            f"dyninfer {args.command}: notice: {message}", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     created = out is not None and not Path(out).exists()
     try:
