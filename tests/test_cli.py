@@ -145,3 +145,14 @@ def test_a_library_warning_reaches_the_user_as_one_line(capsys, monkeypatch):
     code, _, err = run(capsys, "info", "lenet-5")
     assert code == 0
     assert err == "dyninfer info: notice: construction reached N_t=4 iterations before every budget was met\n"
+
+
+def test_data_names_are_normalised_once(capsys, tmp_path):
+    teacher = tmp_path / "orig"
+    assert run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(teacher),
+               "--quiet")[0] == 0
+    code, _, err = run(capsys, "construct", "--model", "lenet-5", "--data", "DIGITS", "--budgets", "0.5,0.9",
+                       "--teacher", str(teacher), "--iterations", "2", "--batches-per-iteration", "1",
+                       "--batch-size", "64", "--retrain-epochs", "0", "--out", str(tmp_path / "s"), "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["data"] == "digits"

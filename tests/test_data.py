@@ -390,6 +390,13 @@ def test_failed_download_is_reported_with_the_places_tried(tmp_path):
     assert str(tmp_path / "xdg-cache" / "dyninfer" / "svhn") in message
 
 
+def test_a_failed_lookup_at_a_bad_root_leaves_no_folders(tmp_path):
+    root = tmp_path / "typo" / "data"
+    with pytest.raises(data.DataNotFoundError):
+        data.load("svhn", root=root, mirror=(tmp_path / "nowhere").as_uri())
+    assert not (tmp_path / "typo").exists()
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

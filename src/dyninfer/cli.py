@@ -362,6 +362,10 @@ def _run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     created = out is not None and not Path(out).exists()
     try:
+        if isinstance(getattr(args, "data", None), str):  # one spelling from here on: DIGITS -> digits
+            from dyninfer.data import canonical_name
+
+            args.data = canonical_name(args.data)
         if out is None:
             return args.func(args)
         # every command with --out writes there: check it before any work, and hold its lock

@@ -804,10 +804,14 @@ def load(name: str, root: str | os.PathLike | None = None, *, download: bool = T
         outcome = "No download source is known for this data set"
     else:
         dest = _download_dir(spec.name, root)
+        created = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
         try:
             _download(spec.name, dest, mirror)
         except OSError as e:
             outcome = f"Downloading into {dest} failed: {e}"
+            for d in created:  # a failed lookup leaves no folders behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         else:
             for probe in spec.probes:
                 reader = probe(dest)
