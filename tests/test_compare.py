@@ -153,3 +153,19 @@ def test_compare_command_takes_a_teacher_run_and_refuses_one_of_other_data(tmp_p
                                  "--teacher", str(teacher), "--out", str(tmp_path / "other")])
     with pytest.raises(CLIError, match="trained on digits, not fashion-mnist"):
         args.func(args)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"slimmable": {"no_such_option": 1}}, "no_such_option"),
+    ({"us": {"steps": "many"}}, "us"),
+    ({"stepping": {"granularity": 0}}, "granularity must be >= 1"),
+    ({"anywidth": {"expansion": -1}}, "expansion must be a number > 0"),
+])
+def test_every_methods_options_are_checked_before_anything_trains(split, monkeypatch, options, message):
+    trained = []
+    for name in compare.METHODS:
+        monkeypatch.setitem(compare.BUILDERS, name, lambda s, name=name: trained.append(name))
+    with pytest.raises(ValueError, match=message):
+        compare.run("lenet-5", split, methods=["stepping", "slimmable", "us", "anywidth"], budgets=[0.5, 0.9],
+                    steps=2, batch_size=16, latency_repeats=0, options=options)
+    assert trained == []

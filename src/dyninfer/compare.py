@@ -173,6 +173,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     unknown = sorted(set(options) - set(methods))
     if unknown:
         raise ValueError(f"options given for methods not compared: {unknown}")
+    for name, opts in options.items():  # every method's options, before the first one trains
+        get_method(name).check_options(opts)
     if model_name not in models.list_models():
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(models.list_models())}")
     train, test = _resolve_data(data, data_root)

@@ -252,7 +252,8 @@ def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log:
     return SubnetList(copies, nu.input_shape, nu.reference_macs, nu.budgets, history).eval()
 
 
-@register_method("nonuniform", "non-uniform subnets (importance-chosen per-layer widths, sandwich + KD)", order=15)
+@register_method("nonuniform", "non-uniform subnets (importance-chosen per-layer widths, sandwich + KD)", order=15,
+                 config=NonUniformConfig)
 def build_for_comparison(s: Setup) -> NonUniformNet:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train(model, s.train, s.budgets, s.config(NonUniformConfig), reference_macs=s.reference_macs,
@@ -260,7 +261,7 @@ def build_for_comparison(s: Setup) -> NonUniformNet:
 
 
 @register_method("nonuniform-individual", "the non-uniform widths, each subnet trained alone (budget split)",
-                 order=16)
+                 order=16, config=NonUniformConfig)
 def build_individual_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train(model, s.train, s.budgets, s.config(NonUniformConfig, individual=True),

@@ -51,7 +51,7 @@ class Setup:
 
     def config(self, cls, **defaults):
         """``cls`` (a baseline config) with the shared budget and the method's options."""
-        options = {k: v for k, v in self.options.items() if k not in ("expansion", "at")}
+        options = {k: v for k, v in self.options.items() if k not in BUILDER_OPTIONS}
         kwargs = {**defaults, **options, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                   "seed": self.seed, "progress": self.progress}
         try:
@@ -69,23 +69,66 @@ class Method:
     description: str
     flat_only: bool = False
     order: int = 100  # where reports list it (ties: registration order)
+    check: Callable[[dict], None] | None = None  # validates a comparison's options for it, before any training
+
+    def check_options(self, options: dict) -> None:
+        """A ValueError naming the option if ``options`` would fail this method (run up front)."""
+        if self.check is not None:
+            self.check(dict(options))
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str, *, flat_only: bool = False, order: int = 100) -> Callable:
-    """Decorator: register ``build(setup) -> net`` as method ``name`` (once per name)."""
+def register_method(name: str, description: str, *, flat_only: bool = False, order: int = 100,
+                    config: type | None = None, check: Callable[[dict], None] | None = None) -> Callable:
+    """Decorator: register ``build(setup) -> net`` as method ``name`` (once per name).
+
+    ``config`` (the method's config dataclass, which ``Setup.config`` fills) or ``check`` (a
+    callable) lets a comparison validate the method's options before anything trains.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
+    checker = check if check is not None else (config_checker(name, config) if config is not None else None)
 
     def wrap(build: Callable[[Setup], Any]) -> Callable[[Setup], Any]:
         if name in _REGISTRY and _REGISTRY[name].build is not build:
             raise ValueError(f"method name {name!r} is already registered")
-        _REGISTRY[name] = Method(name, build, description, flat_only, order)
+        _REGISTRY[name] = Method(name, build, description, flat_only, order, checker)
         return build
 
     return wrap
+
+
+# Options every builder reads itself rather than passing to its config.
+BUILDER_OPTIONS = ("expansion", "at")
+
+
+def config_checker(name: str, cls: type) -> Callable[[dict], None]:
+    """Options check for a builder that passes its options to ``cls`` (via ``Setup.config``)."""
+
+    def check(options: dict) -> None:
+        if "expansion" in options:
+            check_expansion(name, options["expansion"])
+        kwargs = {k: v for k, v in options.items() if k not in BUILDER_OPTIONS}
+        try:
+            cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"bad {name} option: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"bad {name} option: {err}") from None
+
+    return check
+
+
+def check_expansion(name: str, value: Any) -> float:
+    try:
+        expansion = float(value)
+    except (TypeError, ValueError):
+        expansion = float("nan")
+    if not expansion > 0:
+        raise ValueError(f"{name} option expansion must be a number > 0, got {value!r}")
+    return expansion
 
 
 def list_methods() -> list[str]:

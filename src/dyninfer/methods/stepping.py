@@ -889,7 +889,15 @@ CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "granularity", "lr_s
                         "suppression", "alpha_growth", "beta", "gamma", "min_channels")
 
 
-@register_method("stepping", "SteppingNet (construct + retrain, causal, learned tags)", order=0)
+def _check_options(method: str, rules: dict):
+    def check(options: dict) -> None:
+        _parse_options(options, rules, method, "")
+
+    return check
+
+
+@register_method("stepping", "SteppingNet (construct + retrain, causal, learned tags)", order=0,
+                 check=_check_options("stepping", {}))
 def build_for_comparison(s: Setup):
     """SteppingNet: construct + retrain with a SteppingConfig scaled to the budget.
 
@@ -902,16 +910,21 @@ def build_for_comparison(s: Setup):
     return _build(s, {})
 
 
-@register_method("stepping-paper", "SteppingNet with the paper's construction rules (ablation)", order=1)
+@register_method("stepping-paper", "SteppingNet with the paper's construction rules (ablation)", order=1,
+                 check=_check_options("stepping-paper", PAPER_RULES))
 def build_with_paper_rules(s: Setup):
     """SteppingNet constructed by the paper's rules: unmeasured neurons score 0 and move on, a
     fixed quota per round, no fill-back, one neuron at a time, constant learning rate."""
     return _build(s, PAPER_RULES, "stepping-paper")
 
 
-def _build(s: Setup, rules: dict, method: str = "stepping"):
-    opts = dict(s.options)
-    expansion = float(opts.pop("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0)))
+def _parse_options(options: dict, rules: dict, method: str, model_name: str):
+    """(expansion, construct_fraction, teacher_fraction, iterations, rules) from a comparison's
+    options, or a ValueError naming the bad one (also run up front, before anything trains)."""
+    from dyninfer.methods.registry import check_expansion
+
+    opts = dict(options)
+    expansion = check_expansion(method, opts.pop("expansion", DEFAULT_EXPANSION.get(model_name, 2.0)))
     construct_fraction = float(opts.pop("construct_fraction", 0.6))
     teacher_fraction = float(opts.pop("teacher_fraction", 0.0))
     iterations = opts.pop("iterations", None)
@@ -920,8 +933,20 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
         raise ValueError(f"unknown {method} options {sorted(opts)}; accepted: expansion, construct_fraction, "
                          f"iterations, teacher_fraction, {', '.join(CONSTRUCTION_OPTIONS)}")
     if not 0 < construct_fraction <= 1 or not 0 <= teacher_fraction < 1:
-        raise ValueError(f"stepping needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
+        raise ValueError(f"{method} needs construct_fraction in (0, 1] and teacher_fraction in [0, 1); "
                          f"got {construct_fraction}, {teacher_fraction}")
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"{method} option iterations must be an int >= 1, got {iterations!r}")
+    try:
+        SteppingConfig(**rules)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bad {method} option: {err}") from None
+    return expansion, construct_fraction, teacher_fraction, iterations, rules
+
+
+def _build(s: Setup, rules: dict, method: str = "stepping"):
+    expansion, construct_fraction, teacher_fraction, iterations, rules = _parse_options(
+        s.options, rules, method, s.model_name)
     if s.teacher is not None and teacher_fraction:
         raise ValueError(f"{method}: a comparison teacher is given, so teacher_fraction must be 0 (got {teacher_fraction})")
     steplog = StepLog()

@@ -81,7 +81,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
 
 
 
-@register_method("anywidth", "any-width (causal rule, regular groups, joint losses)", order=30)
+@register_method("anywidth", "any-width (causal rule, regular groups, joint losses)", order=30, config=AnyWidthConfig)
 def build_for_comparison(s: Setup) -> AnyWidthNet:
     model = s.create(float(s.options.get("expansion", DEFAULT_EXPANSION.get(s.model_name, 2.0))))
     return train(model, s.train, s.budgets, s.config(AnyWidthConfig), reference_macs=s.reference_macs,

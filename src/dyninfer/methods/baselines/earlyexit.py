@@ -228,7 +228,7 @@ def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | N
 
 
 
-@register_method("earlyexit", "early exit (heads after each stage)", flat_only=True, order=40)
+@register_method("earlyexit", "early exit (heads after each stage)", flat_only=True, order=40, config=EarlyExitConfig)
 def build_for_comparison(s: Setup):
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train(model, s.train, s.config(EarlyExitConfig), reference_macs=s.reference_macs, teacher=s.teacher)

@@ -139,21 +139,21 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
 
 
 
-@register_method("individual", "individually trained narrow copies (budget split)", order=50)
+@register_method("individual", "individually trained narrow copies (budget split)", order=50, config=IndividualConfig)
 def build_individual_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train_individual(model, s.train, s.budgets, s.config(IndividualConfig), reference_macs=s.reference_macs,
                             teacher=s.teacher)
 
 
-@register_method("slice", "brute-force slicing of one full model", order=60)
+@register_method("slice", "brute-force slicing of one full model", order=60, config=SliceConfig)
 def build_slice_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.0),
                         reference_macs=s.reference_macs, teacher=s.teacher)
 
 
-@register_method("slice-ft", "slicing + classifier fine-tuning (20 % of steps)", order=70)
+@register_method("slice-ft", "slicing + classifier fine-tuning (20 % of steps)", order=70, config=SliceConfig)
 def build_slice_ft_for_comparison(s: Setup) -> SubnetList:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train_sliced(model, s.train, s.budgets, s.config(SliceConfig, finetune_fraction=0.2),

@@ -102,7 +102,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
 
 
 
-@register_method("slimmable", "slimmable (full rule, switchable BN, summed losses)", order=10)
+@register_method("slimmable", "slimmable (full rule, switchable BN, summed losses)", order=10, config=SlimmableConfig)
 def build_for_comparison(s: Setup) -> SlimmableNet:
     model = s.create(float(s.options.get("expansion", 1.0)))
     return train(model, s.train, s.budgets, s.config(SlimmableConfig), reference_macs=s.reference_macs,

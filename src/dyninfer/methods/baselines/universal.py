@@ -124,7 +124,7 @@ def deploy(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], 
 
 
 
-@register_method("us", "universally slimmable (sandwich rule, in-place KD, BN recalibrated)", order=20)
+@register_method("us", "universally slimmable (sandwich rule, in-place KD, BN recalibrated)", order=20, config=USConfig)
 def build_for_comparison(s: Setup):
     """US-Nets at the budgets, or with option ``at`` (a method run earlier) at that method's exact
     MAC fractions: any width can be deployed after training."""
