@@ -32,8 +32,9 @@ VARIANTS = {
     "before": {**PAPER, "decay_per_subnet": True},
     "paper": PAPER,                                            # + weight decay once per batch (all methods)
     "wait": {**PAPER, "unmeasured": "wait"},                   # + unmeasured channels wait
-    "quota": {**PAPER, "unmeasured": "wait", "quota": "adaptive", "fill_back": True},  # + adaptive quota, fill-back
-    "ours": {},                                                # + construction LR warm-up and cosine (the defaults)
+    "ours": {},                                                # + fill-back: the defaults
+    "ours-adaptive": {"quota": "adaptive"},                    # + adaptive quota (aims at 75 % of N_t)
+    "ours-cosine": {"lr_schedule": "cosine"},                  # + construction LR warm-up and cosine
     "ours-weighted-sum": {"importance_of": "weighted_sum"},    # Eq. 2's letter: r scales w.x, not the bias
     "ours-g4": {"granularity": 4},
 }

@@ -73,14 +73,17 @@ class SteppingConfig:
     # "wait" keeps it (ranked by its last measured score) until its readers arrive or nothing
     # measured is left to move; "paper" moves it on as least important (it then drifts to the end).
     unmeasured: str = "wait"
-    # Beyond the paper: "adaptive" moves (MACs over budget) / (iterations left) per round and
-    # takes the last neuron that overshoots least; "paper" moves (P_expanded - P_1) / N_t.
-    quota: str = "adaptive"
+    # "paper" moves (P_expanded - P_1) / N_t per round; beyond the paper, "adaptive" moves (MACs
+    # over budget) / (iterations left), aiming at 75 % of N_t. Either way the last neuron of a round
+    # is the one that overshoots least. "paper" is the default by measurement: with fill-back it
+    # used the budgets as well and kept every subnet's increment useful (LeNet-5 x2 / CIFAR-10,
+    # benchmarks/results/stepping_construction_lenet-5_cifar10.md).
+    quota: str = "paper"
     fill_back: bool = True           # beyond the paper: re-admit the best moved neurons while budgets allow
     granularity: int = 1             # beyond the paper: channels moved together per layer (1: the paper)
-    # Beyond the paper: construction LR warms up over 5 % of its steps, then falls as a cosine to
-    # 0.1 lr ("constant": the paper's fixed rate).
-    lr_schedule: str = "cosine"
+    # "constant" (the paper's fixed rate), or beyond the paper "cosine": a warm-up over 5 % of the
+    # construction steps, then a cosine to 0.1 lr. Constant is the default by measurement (same file).
+    lr_schedule: str = "constant"
     # What r_j of Eq. 2 scales: "output" (the neuron's whole output after BatchNorm, bias included)
     # or "weighted_sum" (the paper's letter: w_j . x, bias and BN shift excluded). Beyond the paper,
     # "output" is the default: a move takes the whole output out of the subnet, bias included, so
