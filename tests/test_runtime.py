@@ -120,12 +120,42 @@ def test_step_down_returns_earlier_logits_exactly(tagged):
         run.step()
 
 
-def test_macs_match_the_cost_model(tagged):
-    cnet = compact(tagged)
-    expected = [cost.macs(tagged, SHAPE, subnet=k) for k in range(1, N + 1)]
-    assert cnet.macs() == expected
-    assert cnet.step_macs() == [expected[0], expected[1] - expected[0], expected[2] - expected[1]]
-    assert all(0 < d <= 1 for d in cnet.block_density())
+def test_steps_execute_their_blocks_and_report_their_live_weights():
+    """Counted independently: FlopCounterMode on each step equals the step's dense blocks, and the
+    reported MACs equal the non-zero weights of the exported subnet times its output positions
+    (pruned weights are zeros in the blocks: executed, not reported)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = tagged_lenet(seed=4)
+    with torch.no_grad():
+        net.layers[1].weight[:, :, :2] = 0.0  # some pruned weights inside the step blocks
+    net.prune(1e-5)
+    cnet = compact(net)
+    x = torch.randn(1, *SHAPE)
+
+    def counted(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            result = fn()
+        return result, counter.get_total_flops() // 2
+
+    run, first = counted(lambda: cnet.start(x))
+    executed = [first] + [counted(run.step)[1] for _ in range(N - 1)]
+    assert executed == cnet.executed_step_macs()
+    for k in range(1, N + 1):
+        dense = export.subnet(net, k)
+        live, shapes = 0, {}
+        hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, o.shape)) for m in dense.modules()
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        dense(x)
+        for h in hooks:
+            h.remove()
+        for m, shape in shapes.items():
+            positions = shape[2] * shape[3] if len(shape) == 4 else 1
+            live += int((m.weight != 0).sum()) * positions
+        assert cnet.macs()[k - 1] == live, k
+    assert sum(executed) > cnet.macs()[-1]  # the pruned zeros ride along
+    assert cnet.block_density()[1] < 1 and all(0 < d <= 1 for d in cnet.block_density())
 
 
 def test_options_share_weights_and_change_the_fingerprint(tagged):
