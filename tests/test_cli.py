@@ -109,17 +109,22 @@ def test_a_second_run_on_the_same_out_is_refused_with_the_holders_pid(capsys, tm
     import subprocess
     import sys
 
+    from dyninfer import runs
+
     out = tmp_path / "busy"
     out.mkdir()
-    (out / ".dyninfer.lock").write_text(f"{os.getpid()} train\n")  # a live holder: this process
-    code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(out))
-    assert code == 2 and f"in use by another dyninfer run (pid {os.getpid()})" in err
+    with runs.lock(out, "train"):  # a run holding the folder (here: this process)
+        code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1",
+                           "--out", str(out))
+        assert code == 2 and f"in use by another dyninfer run (pid {os.getpid()})" in err
     assert not (out / "run.json").exists()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / ".dyninfer.lock").write_text(f"{gone.stdout.strip()} train\n")  # its process has exited: stale
+    # a run killed while holding it: the kernel released its lock, the file it left is taken over
+    subprocess.run([sys.executable, "-c", "import os, sys; from dyninfer import runs\n"
+                    f"with runs.lock({str(out)!r}, 'train'): os._exit(9)"], check=False)
+    assert (out / ".dyninfer.lock").exists()
     code, _, err = run(capsys, "train", "--model", "lenet-5", "--data", "digits", "--epochs", "1", "--out", str(out))
     assert code == 0, err
-    assert (out / "run.json").exists() and not (out / ".dyninfer.lock").exists()
+    assert (out / "run.json").exists()
 
 
 def test_a_refused_run_leaves_no_folder_and_a_bad_out_is_named(capsys, tmp_path):
@@ -156,3 +161,9 @@ def test_data_names_are_normalised_once(capsys, tmp_path):
                        "--batch-size", "64", "--retrain-epochs", "0", "--out", str(tmp_path / "s"), "--quiet")
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "run.json").read_text())["data"] == "digits"
+
+
+def test_a_run_that_fails_inside_its_command_leaves_no_new_folder(capsys, tmp_path):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "construct", "--model", "lenet-5", "--budgets", "0.5,0.3", "--out", str(out), "--quiet")
+    assert code == 2 and "strictly increasing" in err and not out.exists()

@@ -169,3 +169,17 @@ def test_every_methods_options_are_checked_before_anything_trains(split, monkeyp
         compare.run("lenet-5", split, methods=["stepping", "slimmable", "us", "anywidth"], budgets=[0.5, 0.9],
                     steps=2, batch_size=16, latency_repeats=0, options=options)
     assert trained == []
+
+
+def test_a_teacher_and_teacher_fraction_conflict_is_refused_before_anything_trains(split, monkeypatch):
+    trained = []
+    for name in compare.METHODS:
+        monkeypatch.setitem(compare.BUILDERS, name, lambda s, name=name: trained.append(name))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, split[0].num_classes))
+    with pytest.raises(ValueError, match="teacher_fraction must be 0"):
+        compare.run("lenet-5", split, methods=["slimmable", "stepping"], budgets=[0.5, 0.9], steps=2, batch_size=16,
+                    latency_repeats=0, teacher=teacher, options={"stepping": {"teacher_fraction": 0.2}})
+    with pytest.raises(ValueError, match="must name a method compared before us"):
+        compare.run("lenet-5", split, methods=["us", "earlyexit"], budgets=[0.5, 0.9], steps=2, batch_size=16,
+                    latency_repeats=0, options={"us": {"at": "earlyexit"}})
+    assert trained == []

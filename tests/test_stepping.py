@@ -580,3 +580,28 @@ def test_the_demos_reuse_check_counts_what_steps_execute(monkeypatch):
     monkeypatch.setattr(Session, "step", recompute)
     with pytest.raises(RuntimeError, match="did not reuse"):
         check_reuse(stepped, x)
+
+
+@pytest.mark.parametrize("field, value", [("granularity", 2.5), ("iterations", 3.0), ("fill_back", "false"),
+                                          ("min_channels", True)])
+def test_config_refuses_values_of_the_wrong_type(field, value):
+    with pytest.raises(ValueError, match=field):
+        SteppingConfig(**{field: value})
+
+
+def test_a_net_saved_before_the_construction_fields_loads_as_it_was_built(tmp_path):
+    import json
+
+    from dyninfer import models
+    from dyninfer.methods.stepping import SteppingNet
+
+    net = TaggedSequential(models.create("lenet-5", num_classes=10, input_shape=SHAPE), 2, SHAPE)
+    SteppingNet(net, [0.5, 0.9], net.subnet_macs(subnet=2)).save(tmp_path / "old")
+    meta_file = next(tmp_path.glob("old*.json"))
+    meta = json.loads(meta_file.read_text())
+    holder = meta["meta"] if "meta" in meta and "config" in meta["meta"] else meta
+    for field in ("unmeasured", "quota", "fill_back", "decay_per_subnet", "importance_of"):
+        holder["config"].pop(field)
+    meta_file.write_text(json.dumps(meta))
+    config = SteppingNet.load(tmp_path / "old").config
+    assert (config.unmeasured, config.quota, config.fill_back, config.decay_per_subnet) == ("paper", "paper", False, True)

@@ -8,6 +8,7 @@ saying what it is, so ``dyninfer eval runs/x`` needs nothing else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -92,7 +93,9 @@ def cmd_construct(args: argparse.Namespace) -> int:
     teacher, original = None, None
     if args.teacher:
         teacher, tmeta = _load_trained(Path(args.teacher))
-        if tmeta["model"] != args.model or tmeta["data"] != args.data:
+        from dyninfer.data import canonical_name
+
+        if tmeta["model"] != args.model or canonical_name(tmeta["data"]) != args.data:
             raise CLIError(f"teacher {args.teacher} is {tmeta['model']} on {tmeta['data']}; "
                            f"expected {args.model} on {args.data}")
         original = tmeta["test"]["top1"]
@@ -376,8 +379,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dyninfer {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
-            Path(out).rmdir()  # a run refused before its work leaves no empty folder behind
+        left = list(Path(out).iterdir()) if created and Path(out).is_dir() else None
+        if left is not None and all(f.name == runs.LOCK_NAME for f in left):
+            with contextlib.suppress(OSError):  # a run refused before its work leaves no folder behind
+                for f in left:
+                    f.unlink()
+                Path(out).rmdir()
 
 
 if __name__ == "__main__":  # pragma: no cover

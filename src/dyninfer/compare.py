@@ -175,6 +175,11 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         raise ValueError(f"options given for methods not compared: {unknown}")
     for name, opts in options.items():  # every method's options, before the first one trains
         get_method(name).check_options(opts)
+        if "at" in opts and opts["at"] not in methods[:methods.index(name)]:
+            raise ValueError(f"{name} option at={opts['at']!r} must name a method compared before {name}; "
+                             f"before it: {methods[:methods.index(name)]}")
+        if teacher is not None and float(opts.get("teacher_fraction", 0) or 0):
+            raise ValueError(f"{name}: a comparison teacher is given, so teacher_fraction must be 0")
     if model_name not in models.list_models():
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(models.list_models())}")
     train, test = _resolve_data(data, data_root)

@@ -806,12 +806,15 @@ def load(name: str, root: str | os.PathLike | None = None, *, download: bool = T
         dest = _download_dir(spec.name, root)
         created = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
         try:
-            _download(spec.name, dest, mirror)
+            try:
+                _download(spec.name, dest, mirror)
+            except BaseException:
+                for d in created:  # a failed lookup leaves no folders behind (rmdir: only empty ones)
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
         except OSError as e:
             outcome = f"Downloading into {dest} failed: {e}"
-            for d in created:  # a failed lookup leaves no folders behind
-                with contextlib.suppress(OSError):
-                    d.rmdir()
         else:
             for probe in spec.probes:
                 reader = probe(dest)

@@ -53,44 +53,31 @@ def prepare_out(out: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def lock(out: str | Path, command: str = "run") -> Iterator[Path]:
-    """Hold ``out``'s lock file while a command writes there: a second run on the same folder is
+    """Hold ``out``'s lock while a command writes there: a second run on the same folder is
     refused with the holder's pid (two runs would interleave metrics.jsonl and checkpoints).
-    A lock left by a process that no longer exists is taken over."""
+
+    An advisory ``flock`` on ``out/.dyninfer.lock``: the kernel releases it when its process
+    ends, however it ends, so a lock file left by a killed run is simply taken over.
+    """
+    import fcntl
+
     path = Path(out) / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(path.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                holder = None
-            if holder is not None and _alive(holder):
-                raise ValueError(f"{out} is in use by another dyninfer run (pid {holder}); wait for it to finish "
-                                 f"or choose another --out") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {command}\n")
-        break
-    else:
-        raise ValueError(f"could not take the lock {path}")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+        os.close(fd)
+        raise ValueError(f"{out} is in use by another dyninfer run (pid {holder[0] if holder else '?'}); wait for "
+                         f"it to finish or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock; the file stays (unlinking it would race a waiting run)
 
 
 def write_meta(out: str | Path, meta: dict) -> Path:

@@ -62,7 +62,9 @@ def _pretrained_backbone(run: Path, data_name: str):
     from dyninfer import checkpoint, models
 
     meta = runs.read_meta(run, "train")
-    if meta.get("data") != data_name:
+    from dyninfer.data import canonical_name
+
+    if canonical_name(str(meta.get("data"))) != canonical_name(data_name):
         raise ValueError(f"--pretrained {run} was trained on {meta.get('data')!r}, not on --data {data_name!r}")
     model = models.create(meta["model"], num_classes=meta["num_classes"], expansion=meta["expansion"],
                           input_shape=tuple(meta["input_shape"]))

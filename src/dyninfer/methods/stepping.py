@@ -110,9 +110,16 @@ class SteppingConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size",
-                     "granularity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                     "granularity", "retrain_epochs", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < 1 and name not in ("retrain_epochs", "seed"):
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("suppression", "distillation", "normalize_importance", "fill_back", "decay_per_subnet",
+                     "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 < self.beta <= 1:
             raise ValueError(f"beta must be in (0, 1], got {self.beta}")
         if not 0 <= self.gamma <= 1:
@@ -271,10 +278,11 @@ def importance(net: TaggedNet, batches: Sequence[tuple[torch.Tensor, torch.Tenso
                config: SteppingConfig) -> list[torch.Tensor]:
     """Eq. 1-3: M_j = sum_{k >= tag_j} alpha_k |dL_k / dr_j| for every channel j of every tag group.
 
-    r_j scales neuron j's weighted sum, bias excluded (Eq. 2), and is fixed to 1. With z_j the
-    neuron's output after its (eval-mode) BatchNorm, z_j = s_j r_j (w_j . x) + c_j where c_j
-    is the bias and BN shift folded together, so dL/dr_j = sum over batch and positions of
-    dL/dz_j (z_j - c_j): one backward per subnet through the activations only. Where a residual
+    r_j is fixed to 1 and scales, with ``importance_of="output"`` (the default), neuron j's whole
+    output z_j after its (eval-mode) BatchNorm, so dL/dr_j = sum over batch and positions of
+    dL/dz_j z_j; with ``"weighted_sum"`` (Eq. 2's letter) only w_j . x: z_j = s_j r_j (w_j . x) + c_j
+    with c_j the bias and BN shift folded together, so dL/dr_j = sum of dL/dz_j (z_j - c_j). Either
+    way one backward per subnet through the activations only. Where a residual
     add ties several layers into one group, one r_j scales the channel in all of them, so its
     derivative is the sum over those layers. A channel no reader sees (``TaggedNet.reachable``)
     gets exactly 0 here; :func:`construct` tells such channels apart.
@@ -444,7 +452,9 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
               measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4) -> list[int]:
     """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
     into it, while every subnet stays within its MAC limit. Returns how many channels each
-    subnet re-admitted.
+    subnet re-admitted. Dropped channels are in no subnet, so Eq. 3 cannot score them: they are
+    ranked by their last measured score (``unmeasured="wait"`` carries it; under the paper's
+    rule they score 0 and are never re-admitted) and tried after the channels still in a subnet.
 
     Moves overshoot (a conv neuron can be worth many times a round's quota), so construction
     ends below its budgets; this spends what is left. A trial is undone if it breaks a limit, if
@@ -615,7 +625,9 @@ class SteppingNet(TaggedSubnets, nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> "SteppingNet":
         net, meta = load_tagged(path, "stepping")
-        return cls(net, meta["budgets"], meta["reference_macs"], SteppingConfig(**meta["config"]), meta.get("history"))
+        # a net saved before a field existed was built the way dyninfer worked then
+        config = SteppingConfig(**{**BEFORE_FIELDS, **meta["config"]})
+        return cls(net, meta["budgets"], meta["reference_macs"], config, meta.get("history"))
 
 
 # ---------------------------------------------------------------------------- construction
@@ -628,8 +640,8 @@ CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iterat
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
                        "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet", "min_channels", "batch_size", "lr", "momentum",
                        "weight_decay", "seed")
-RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "batch_size",
-                  "momentum", "weight_decay", "retrain_lr", "seed")
+RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
+                  "batch_size", "momentum", "weight_decay", "retrain_lr", "seed")
 
 
 def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], config: SteppingConfig | None = None,
@@ -883,6 +895,10 @@ class _StepView(ImageSet):
             yield next(stream)
 
 
+# How dyninfer built SteppingNets before these SteppingConfig fields existed: a net saved then is
+# loaded (and retrained) that way.
+BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
+                 "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                "lr_schedule": "constant"}
@@ -913,11 +929,12 @@ def build_for_comparison(s: Setup):
     return _build(s, {})
 
 
-@register_method("stepping-paper", "SteppingNet with the paper's construction rules (ablation)", order=1,
+@register_method("stepping-paper", "SteppingNet with the paper's move rules (ablation)", order=1,
                  check=_check_options("stepping-paper", PAPER_RULES))
 def build_with_paper_rules(s: Setup):
-    """SteppingNet constructed by the paper's rules: unmeasured neurons score 0 and move on, a
-    fixed quota per round, no fill-back, one neuron at a time, constant learning rate."""
+    """SteppingNet constructed by the paper's move rules: unmeasured neurons score 0 and move on,
+    a fixed quota per round, no fill-back, one neuron at a time, constant learning rate. The
+    importance itself (normalised per layer, r scaling the output) is shared with ``stepping``."""
     return _build(s, PAPER_RULES, "stepping-paper")
 
 
