@@ -305,7 +305,8 @@ def markdown(record: dict) -> str:
         f"weight decays once per batch (torch's SGD weight_decay), however many subnets share it. "
         + (f"Every method distils from the same teacher, {record['teacher']['name'] or 'given'} "
            f"({100 * record['teacher']['test_top1']:.2f} % test top-1): Eq. 4 for SteppingNet's retraining, "
-           f"0.4 CE + 0.6 KD for the others." if record.get("teacher") else "No teacher: every method trains on "
+           f"0.4 CE + 0.6 KD for the others (for US-Nets and non-uniform subnets, their largest width; the smaller "
+           f"ones keep their in-place KD from it)." if record.get("teacher") else "No teacher: every method trains on "
            "cross-entropy."),
         f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}.", "",
         "## Test accuracy (%) at matched MAC budgets", "",
