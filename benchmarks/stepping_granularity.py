@@ -60,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
                               input_shape=train.input_shape)
         cfg = stepping.SteppingConfig(iterations=args.iterations, batches_per_iteration=2, importance_batches=2,
                                       lr=0.05, granularity=g, progress=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = stepping.construct(model, train, budgets, cfg, reference_macs=reference)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = stepping.construct(model, train, budgets, cfg, reference_macs=reference)
+        except RuntimeError as err:  # budgets this granularity cannot reach: recorded
+            record["rows"].append({"granularity": g, "failed": str(err)})
+            print(f"granularity {g}: failed: {err}", flush=True)
+            continue
         row = {"granularity": g, "mac_fractions": net.mac_fractions(), "counts": net.history["final_counts"]}
         for batch in batches:
             lat = calibrate(net, batch=batch, repeats=args.repeats, threads=args.threads, refresh=True)
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
              "| granularity | MACs % per subnet | batch | from scratch ms per subnet | stepping path 1->N ms | "
              "path / largest from scratch |", "|---|---|---|---|---|---|"]
     for row in record["rows"]:
+        if "failed" in row:
+            lines.append(f"| {row['granularity']} | failed: {row['failed']} | | | | |")
+            continue
         for b in batches:
             cell = row[f"b{b}"]
             lines.append(f"| {row['granularity']} | {' / '.join(f'{100 * f:.1f}' for f in row['mac_fractions'])} | {b} | "
