@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes, runs
+from dyninfer.data import canonical_name
 from dyninfer.methods.registry import DEFAULT_EXPANSION
 
 COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands",
@@ -93,8 +94,6 @@ def cmd_construct(args: argparse.Namespace) -> int:
     teacher, original = None, None
     if args.teacher:
         teacher, tmeta = _load_trained(Path(args.teacher))
-        from dyninfer.data import canonical_name
-
         if tmeta["model"] != args.model or canonical_name(tmeta["data"]) != args.data:
             raise CLIError(f"teacher {args.teacher} is {tmeta['model']} on {tmeta['data']}; "
                            f"expected {args.model} on {args.data}")
@@ -366,8 +365,6 @@ def _run(args: argparse.Namespace) -> int:
     created = out is not None and not Path(out).exists()
     try:
         if isinstance(getattr(args, "data", None), str):  # one spelling from here on: DIGITS -> digits
-            from dyninfer.data import canonical_name
-
             args.data = canonical_name(args.data)
         if out is None:
             return args.func(args)

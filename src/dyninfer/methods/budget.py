@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dyninfer.data import ImageSet
+from dyninfer.train import FrozenTeacher, kd_loss
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,6 @@ class Supervision:
     BN-folded) teacher once per batch; ``loss(logits, y, targets)`` is the per-subnet loss."""
 
     def __init__(self, teacher: torch.nn.Module | None = None, gamma: float = 0.4, temperature: float = 1.0):
-        from dyninfer.train import FrozenTeacher
-
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
         self.teacher = None if teacher is None else (
@@ -99,14 +99,16 @@ class Supervision:
         return self.teacher(x) if self.teacher is not None else None
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        import torch.nn.functional as F
+        return distilled_loss(logits, y, targets, self.gamma, self.temperature)
 
-        from dyninfer.train import kd_loss
 
-        ce = F.cross_entropy(logits, y)
-        if targets is None:
-            return ce
-        return self.gamma * ce + (1 - self.gamma) * kd_loss(logits, targets, self.temperature)
+def distilled_loss(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, gamma: float,
+                   temperature: float) -> torch.Tensor:
+    """CE, or with teacher ``targets`` Eq. 4's gamma CE + (1 - gamma) KL(teacher || student)."""
+    ce = F.cross_entropy(logits, y)
+    if targets is None:
+        return ce
+    return gamma * ce + (1 - gamma) * kd_loss(logits, targets, temperature)
 
 
 def batch_stream(data: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

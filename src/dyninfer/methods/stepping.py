@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
-from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
-from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, register_method
+from dyninfer.methods.budget import (
+    BaselineConfig, StepLog, batch_stream, distilled_loss, loss_step, run_steps, sgd,
+)
+from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, check_expansion, register_method
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.compaction import cached_compact
@@ -166,10 +168,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
 def subnet_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
                 config: SteppingConfig) -> torch.Tensor:
     """CE, or Eq. 4: gamma CE + (1 - gamma) KL(teacher || subnet) when a teacher is given."""
-    ce = F.cross_entropy(logits, y)
-    if teacher_logits is None:
-        return ce
-    return config.gamma * ce + (1 - config.gamma) * kd_loss(logits, teacher_logits, config.temperature)
+    return distilled_loss(logits, y, teacher_logits, config.gamma, config.temperature)
 
 
 def suppression_factors(config: SteppingConfig, num_subnets: int):
@@ -941,8 +940,6 @@ def build_with_paper_rules(s: Setup):
 def _parse_options(options: dict, rules: dict, method: str, model_name: str):
     """(expansion, construct_fraction, teacher_fraction, iterations, rules) from a comparison's
     options, or a ValueError naming the bad one (also run up front, before anything trains)."""
-    from dyninfer.methods.registry import check_expansion
-
     opts = dict(options)
     expansion = check_expansion(method, opts.pop("expansion", DEFAULT_EXPANSION.get(model_name, 2.0)))
     construct_fraction = float(opts.pop("construct_fraction", 0.6))
