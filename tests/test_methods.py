@@ -69,6 +69,7 @@ def test_method_on_model(method, model, split):
     assert net.num_subnets == len(fractions) >= 2
     assert all(a < b for a, b in zip(fractions, fractions[1:])), fractions
     reported = [round(f * net.reference_macs) for f in fractions]
+    scratch = net.macs(path="scratch")
     x = test.batches(8).__next__()[0]
     for k in range(1, net.num_subnets + 1):
         logits = net(x, subnet=k)
@@ -77,6 +78,7 @@ def test_method_on_model(method, model, split):
         torch.testing.assert_close(dense(x), logits, atol=1e-4, rtol=1e-4)
         ran = executed(lambda: dense(x[:1]))
         assert ran >= reported[k - 1]  # a dense export never does less than the subnet's MACs
+        assert ran == scratch[k - 1], (method, k)  # the from-scratch figure is what the export runs
         if not getattr(getattr(net, "net", None), "incremental", False):
             assert ran == reported[k - 1], (method, k)  # rectangles: what is reported is what runs
     if callable(getattr(net, "start", None)):

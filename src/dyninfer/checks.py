@@ -9,6 +9,17 @@ import torch
 __all__ = ["check_subnet", "check_input"]
 
 
+MAC_PATHS = ("incremental", "scratch")
+
+
+def check_path(path) -> str:
+    """``path`` of a MAC figure: "incremental" (what stepping 1 -> k executes) or "scratch" (what
+    one from-scratch execution of subnet k multiplies)."""
+    if path not in MAC_PATHS:
+        raise ValueError(f"path must be one of {MAC_PATHS}, got {path!r}")
+    return path
+
+
 def check_subnet(subnet, num_subnets: int) -> int:
     """``subnet`` (None: the largest) as an int in 1..num_subnets, or a ValueError naming it."""
     k = num_subnets if subnet is None else subnet

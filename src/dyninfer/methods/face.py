@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from dyninfer import checkpoint as ckpt
-from dyninfer import models
+from dyninfer import cost, models
+from dyninfer.checks import check_path
 from dyninfer.nn.tagged import TaggedNet
 
 
@@ -29,13 +30,23 @@ class TaggedSubnets:
     def input_shape(self) -> tuple[int, ...]:
         return self.net.input_shape
 
-    def macs(self) -> list[int]:
-        """Exact MACs of each subnet (pruned weights excluded)."""
-        return self.net.macs_per_subnet()
+    def macs(self, path: str = "incremental") -> list[int]:
+        """MACs of each subnet along ``path``.
 
-    def mac_fractions(self) -> list[float]:
-        """MACs of each subnet / MACs of the original (unexpanded) network."""
-        return [m / self.reference_macs for m in self.macs()]
+        ``"incremental"``: live weights the subnet's own blocks hold (pruned weights and, under
+        the causal rule, the forbidden upper blocks excluded): what stepping 1 -> k executes.
+        ``"scratch"``: what one from-scratch execution of the subnet multiplies, i.e. the dense
+        rectangles ``dy.export.subnet(net, k)`` and ``net.dense(k)`` run, the zero upper blocks
+        of a causal net and pruned weights included. Under the full rule there is no
+        incremental path and the two agree up to pruning.
+        """
+        if check_path(path) == "incremental":
+            return self.net.macs_per_subnet()
+        return [cost.macs(self.net.dense(k), self.input_shape) for k in range(1, self.num_subnets + 1)]
+
+    def mac_fractions(self, path: str = "incremental") -> list[float]:
+        """MACs of each subnet along ``path`` (see :meth:`macs`) / MACs of the original network."""
+        return [m / self.reference_macs for m in self.macs(path)]
 
     def subnet_macs(self, input_shape=None, subnet=None) -> int:
         return self.net.subnet_macs(input_shape, subnet)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from dyninfer import cost
-from dyninfer.checks import check_input, check_subnet  # noqa: F401  (re-exported for the baselines)
+from dyninfer.checks import check_input, check_path, check_subnet  # noqa: F401  (re-exported for the baselines)
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import (  # noqa: F401  (the baselines' shared loop, re-exported)
     BaselineConfig, StepLog, Supervision, batch_stream, loss_step, run_steps, sgd, split_steps,
@@ -146,11 +146,13 @@ class SubnetList(nn.Module):
     def num_subnets(self) -> int:
         return len(self.subnets)
 
-    def macs(self) -> list[int]:
+    def macs(self, path: str = "incremental") -> list[int]:
+        """MACs of each subnet: nothing is shared, so both paths run the whole subnet."""
+        check_path(path)
         return [cost.macs(m, self.input_shape) for m in self.subnets]
 
-    def mac_fractions(self) -> list[float]:
-        return [m / self.reference_macs for m in self.macs()]
+    def mac_fractions(self, path: str = "incremental") -> list[float]:
+        return [m / self.reference_macs for m in self.macs(path)]
 
     def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
         k = check_subnet(subnet, self.num_subnets)

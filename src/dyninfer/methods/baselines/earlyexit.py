@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, Supervision, batch_stream, check_input, check_subnet, evaluate_subnets, input_shape_of,
+    BaselineConfig, StepLog, Supervision, batch_stream, check_input, check_path, check_subnet, evaluate_subnets,
+    input_shape_of,
     loss_step, reference_of, run_steps, sgd,
 )
 from dyninfer.nn.tagged import fold_sequential
@@ -123,13 +124,16 @@ class EarlyExitNet(nn.Module):
             layers += list(self.heads[subnet - 1])
         return nn.Sequential(*layers)
 
-    def macs(self) -> list[int]:
+    def macs(self, path: str = "incremental") -> list[int]:
+        """MACs of the trunk up to exit k plus exit k's head. Both paths execute exactly that for
+        exit k's answer (a session stepping 1 -> k also ran heads 1..k-1: ``path_mac_fraction``)."""
         from dyninfer import cost
 
+        check_path(path)
         return [cost.macs(self._prefix(k), self.input_shape) for k in range(1, self.num_subnets + 1)]
 
-    def mac_fractions(self) -> list[float]:
-        return [m / self.reference_macs for m in self.macs()]
+    def mac_fractions(self, path: str = "incremental") -> list[float]:
+        return [m / self.reference_macs for m in self.macs(path)]
 
     def path_mac_fraction(self) -> float:
         """MACs of stepping from exit 1 to the last (whole trunk + every head passed) / original."""
