@@ -662,3 +662,31 @@ def test_every_increment_of_a_constructed_net_changes_its_answers():
     for k in range(1, net.num_subnets):
         assert (logits[k] - logits[k - 1]).abs().max() > 1e-4, k
 
+
+def test_eval_forward_runs_the_compacted_form_and_follows_weight_changes():
+    """In eval mode net(x, subnet=k) executes what mac_fractions(path="scratch") reports (counted by
+    FlopCounterMode), agrees with the masked training form, and sees an in-place weight change."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=6, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False)
+    net = construct(model, data, [0.3, 0.6, 0.9], cfg, reference_macs=full)
+    net.net.eval()
+    x = data.batches(16).__next__()[0]
+    scratch = net.macs(path="scratch")
+    assert all(s >= m for s, m in zip(scratch, net.macs()))  # rectangles hold the triangles
+    net(x[:1])  # builds (and caches) the compacted form; its shape probe is not per-inference work
+    for k in range(1, net.num_subnets + 1):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fast = net(x[:1], subnet=k)
+        assert counter.get_total_flops() // 2 == scratch[k - 1], k
+        with torch.no_grad():
+            torch.testing.assert_close(fast, net.net(x[:1], subnet=k), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        before = net(x, subnet=1)
+        net.net.classifier.bias += 1.0
+        torch.testing.assert_close(net(x, subnet=1), before + 1.0, atol=1e-5, rtol=1e-5)
+    net.net.train()
+    assert net(x, subnet=1).requires_grad  # training mode: the masked form, gradients reach the weights

@@ -576,6 +576,19 @@ class SteppingNet(TaggedSubnets, nn.Module):
         self.config = config or SteppingConfig()
         self.history = history or {}
 
+    def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
+        """Subnet ``subnet`` (default: the largest) from scratch.
+
+        In training mode (``self.net.training``) the masked training form, through which
+        gradients reach the weights. In eval mode the compacted inference form (cached, rebuilt
+        when weights, tags or statistics change): the dense rectangles ``dy.export.subnet`` runs
+        and ``mac_fractions(path="scratch")`` counts, so what is reported is what runs. Its weights
+        are BatchNorm-folded copies: in eval mode no gradient reaches the parameters.
+        """
+        if self.net.training:
+            return self.net(x, subnet)
+        return self.compact()(x, subnet)
+
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""
         return Session(self.compact(), x, subnet)
