@@ -43,7 +43,6 @@ SCHEDULES = ("joint", "sequential")
 UNMEASURED = ("wait", "paper")
 QUOTAS = ("adaptive", "paper")
 LR_SCHEDULES = ("cosine", "constant")
-RANKS = ("importance", "per_mac")
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,6 @@ class SteppingConfig:
     # x2 / CIFAR-10 (benchmarks/results/stepping_construction_lenet-5_cifar10.md) it kept subnet 1 at
     # 38.8 % where "weighted_sum" reached 30.6 % (one seed).
     importance_of: str = "output"
-    # What orders the channels a round moves: "importance" (the paper: Eq. 3 score, least first) or,
-    # beyond the paper, "per_mac": score per MAC the move saves, so a channel that costs much and
-    # gives little leaves before a cheap one that gives a little more.
-    rank: str = "importance"
     # Ablation of the shared weight-decay semantics: True decays a weight once per subnet that
     # trains it (sum_j beta^(j-i): 3.4x at beta 0.9, N = 4, for tag 1), as dyninfer did before.
     decay_per_subnet: bool = False
@@ -113,8 +108,7 @@ class SteppingConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("unmeasured", UNMEASURED), ("quota", QUOTAS),
-                              ("lr_schedule", LR_SCHEDULES), ("importance_of", ("weighted_sum", "output")),
-                              ("rank", RANKS)):
+                              ("lr_schedule", LR_SCHEDULES), ("importance_of", ("weighted_sum", "output"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size",
@@ -392,7 +386,7 @@ MOVE_SHARE = 0.75
 
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
                  min_channels: int = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
-                 exact: bool = True, rank: str = "importance") -> tuple[int, float]:
+                 exact: bool = True) -> tuple[int, float]:
     """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
     take out of the subnet reach ``amount``. Returns (channels moved, estimated MACs saved).
 
@@ -404,7 +398,7 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
     and gains those to its new peers; both follow from the causal mask, and its pruned weights
     are revived (``set_tags``).
     """
-    units = _units(net, scores, subnet, measured, granularity, descending=False, rank=rank)
+    units = _units(net, scores, subnet, measured, granularity, descending=False)
     kept = [int((net.tags(g) <= subnet).sum()) for g in range(net.num_groups)]
     chosen: list[_Unit] = []
     saved = 0.0
@@ -432,10 +426,9 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
 
 
 def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[torch.Tensor] | None,
-           granularity: int, descending: bool, rank: str = "importance") -> list[_Unit]:
+           granularity: int, descending: bool) -> list[_Unit]:
     """The channels with ``tag`` grouped into move units, in order: measured before waiting, then
-    least (``descending``: most) important first, by score or (``rank="per_mac"``) by score per
-    MAC saved. A group's remainder (fewer than a unit) stays."""
+    least (``descending``: most) important first. A group's remainder (fewer than a unit) stays."""
     units = []
     sign = -1.0 if descending else 1.0
     for g in range(net.num_groups):
@@ -444,19 +437,14 @@ def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[
             continue
         saving = _saving_estimates(net, g, min(tag, net.num_subnets))
         waiting = {c: measured is not None and not bool(measured[g][c]) for c in idx}
-        value = scores[g] / saving.clamp(min=1.0) if rank == "per_mac" else scores[g]
-        idx.sort(key=lambda c: (waiting[c], sign * float(value[c])))
+        idx.sort(key=lambda c: (waiting[c], sign * float(scores[g][c])))
         size = unit_size(net, g, granularity)
         for start in range(0, len(idx) - size + 1, size):
             members = idx[start:start + size]
             units.append(_Unit(all(waiting[c] for c in members), sum(float(scores[g][c]) for c in members) / size,
                                g, members, sum(float(saving[c]) for c in members)))
-    units.sort(key=lambda u: (u.waiting, sign * _value(u, rank)))
+    units.sort(key=lambda u: (u.waiting, sign * u.score))
     return units
-
-
-def _value(unit: _Unit, rank: str) -> float:
-    return unit.score / max(unit.saving, 1.0) if rank == "per_mac" else unit.score
 
 
 def drop_idle(net: TaggedNet, raw: list[torch.Tensor]) -> dict:
@@ -487,8 +475,7 @@ def drop_idle(net: TaggedNet, raw: list[torch.Tensor]) -> dict:
 
 
 def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
-              measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4,
-              rank: str = "importance") -> list[int]:
+              measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4) -> list[int]:
     """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
     into it, while every subnet stays within its MAC limit. Returns how many channels each
     subnet re-admitted. Dropped channels are in no subnet, so Eq. 3 cannot score them: they are
@@ -518,9 +505,9 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
         before = sum(admitted)
         for i in range(1, n + 1):
             units = [u for tag in range(i + 1, n + 2)
-                     for u in _units(net, scores, tag, measured, granularity, descending=True, rank=rank)]
+                     for u in _units(net, scores, tag, measured, granularity, descending=True)]
             # a unit that scored 0 (dead ReLUs, or never measured) has nothing to say it helps
-            units = sorted((u for u in units if u.score > 0), key=lambda u: (u.waiting, -_value(u, rank)))
+            units = sorted((u for u in units if u.score > 0), key=lambda u: (u.waiting, -u.score))
             misses = 0
             for unit in units:
                 if patience is not None and misses >= patience:
@@ -694,7 +681,7 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 # (fields of the other phase, and ``progress``, may differ).
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
-                       "fill_back", "granularity", "lr_schedule", "importance_of", "rank", "decay_per_subnet",
+                       "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet",
                        "min_channels", "batch_size", "lr", "momentum", "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
                   "batch_size", "momentum", "weight_decay", "retrain_lr", "seed")
@@ -808,7 +795,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
         scores, measured = _scores(net, raw, cfg, carried)
         history["dropped_idle"] = drop_idle(net, raw)
-        history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured, rank=cfg.rank)
+        history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured)
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
     empty = [k + 1 for k in range(1, len(final)) if final[k] == final[k - 1]]
@@ -917,11 +904,10 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
             gap = macs[i - 1] - limits[i - 1]
             if cfg.quota == "paper":  # the paper's fixed amount, but no more than the overshoot
                 count, _ = move_neurons(net, scores, i, min(amount, gap), cfg.min_channels, measured=measured,
-                                        granularity=cfg.granularity, rank=cfg.rank)
+                                        granularity=cfg.granularity)
             else:  # spread what is over budget over the rounds left; the last round closes it
                 count, _ = move_neurons(net, scores, i, gap / max(1, rounds_left), cfg.min_channels,
-                                        measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1,
-                                        rank=cfg.rank)
+                                        measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1)
         moved.append(count)
     dropped = [(before[g] <= n) & (net.tags(g) > n) for g in range(net.num_groups)]
     return {"moved": moved,
@@ -958,13 +944,13 @@ class _StepView(ImageSet):
 # How dyninfer built SteppingNets before these SteppingConfig fields existed: a net saved then is
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
-                 "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True, "rank": "importance"}
+                 "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
-               "lr_schedule": "constant", "rank": "importance"}
+               "lr_schedule": "constant"}
 # SteppingConfig fields a comparison may set through its options.
 CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "granularity", "lr_schedule", "importance_of",
-                        "rank", "normalize_importance", "decay_per_subnet",
+                        "normalize_importance", "decay_per_subnet",
                         "suppression", "alpha_growth", "beta", "gamma", "min_channels")
 
 
