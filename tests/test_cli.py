@@ -167,3 +167,44 @@ def test_a_run_that_fails_inside_its_command_leaves_no_new_folder(capsys, tmp_pa
     out = tmp_path / "s"
     code, _, err = run(capsys, "construct", "--model", "lenet-5", "--budgets", "0.5,0.3", "--out", str(out), "--quiet")
     assert code == 2 and "strictly increasing" in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "demo"
+    assert main(["demo", "--out", str(out), "--teacher-epochs", "1", "--iterations", "3", "--retrain-epochs", "1",
+                 "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+def test_export_writes_a_file_that_runs_without_dyninfer(fmt, demo_run, capsys, tmp_path):
+    import subprocess
+    import sys
+
+    if fmt == "onnx":
+        from test_runtime import _onnx_modules
+
+        _onnx_modules()
+    target = tmp_path / f"sub2.{fmt}"
+    code, out, err = run(capsys, "export", str(demo_run), "--subnet", "2", "--format", fmt, "--out", str(target))
+    assert code == 0, err
+    assert f"subnet 2 of 4" in out and "differ from the library's by at most" in out
+    loader = {"pt": "m = torch.load(p, weights_only=False); y = m(x)",
+              "torchscript": "m = torch.jit.load(p); y = m(x)",
+              "onnx": "import onnxruntime as o; y = o.InferenceSession(p).run(None, {'input': x.numpy()})[0]"}[fmt]
+    script = (f"import sys; sys.modules['dyninfer'] = None\nimport torch\np = {str(target)!r}\n"
+              f"x = torch.zeros(3, 1, 8, 8)\n{loader}\nprint(tuple(y.shape))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(3, 10)"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--subnet", "9"], "--subnet must be in 1..4"),
+    (["--format", "tflite"], "--format must be one of onnx, torchscript, pt"),
+])
+def test_export_refuses_bad_requests_in_one_line(extra, message, demo_run, capsys, tmp_path):
+    code, _, err = run(capsys, "export", str(demo_run), "--out", str(tmp_path / "x.pt"), *extra)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.pt").exists()

@@ -7,7 +7,10 @@ exports the whole stepping network instead, as one TorchScript module with step 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,14 +75,46 @@ def subnet(net, k: int) -> nn.Sequential:
     return nn.Sequential(*modules).eval()
 
 
+def dense(net, k: int = 1) -> nn.Module:
+    """Subnet ``k`` of any dyninfer object as a plain dense torch module (BatchNorm folded, eval
+    mode), the one route every file format goes through: an incremental net's compacted prefix
+    (:func:`subnet`), a method's own ``export(k)`` (non-uniform, baselines), or a plain trained model
+    (``k`` must be 1)."""
+    exporter = getattr(net, "export", None)
+    if callable(exporter):
+        n = net.num_subnets
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in 1..{n}, got {k!r}")
+        return exporter(k).eval()
+    try:
+        _compact_of(net)
+    except TypeError:
+        if isinstance(net, nn.Module) and not hasattr(net, "num_subnets"):
+            if k != 1:
+                raise ValueError(f"a plain model has one network; k must be 1, got {k!r}") from None
+            from dyninfer.nn.tagged import fold_module
+
+            return fold_module(copy.deepcopy(net).eval())
+        raise
+    return subnet(net, k).eval()
+
+
+def input_shape_of(net) -> tuple[int, ...]:
+    """The (C, H, W) a dyninfer object takes."""
+    shape = getattr(net, "input_shape", None) or getattr(net, "dyninfer_config", {}).get("input_shape")
+    if shape is None:
+        raise ValueError(f"cannot tell the input shape of a {type(net).__name__}")
+    return tuple(shape)
+
+
 def torchscript(net, k: int, path: str | Path | None = None, *, channels_last: bool = False) -> torch.jit.ScriptModule:
     """TorchScript of subnet ``k`` (traced and frozen); saved to ``path`` when given.
 
     ``channels_last=True`` stores the convolution weights channels_last (the faster layout on
     CPU); the module accepts either layout.
     """
-    module = subnet(net, k)
-    example = torch.zeros(1, *_compact_of(net).input_shape)
+    module = dense(net, k)
+    example = torch.zeros(1, *input_shape_of(net))
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
         example = example.contiguous(memory_format=torch.channels_last)
@@ -110,13 +145,27 @@ def incremental(net, path: str | Path | None = None) -> torch.jit.ScriptModule:
 
 
 def onnx(net, k: int, path: str | Path) -> Path:
-    """ONNX file of subnet ``k`` (needs the optional ``onnx`` extra)."""
+    """One self-contained ONNX file of subnet ``k`` (needs the optional ``onnx`` extra); weights go
+    to a ``.data`` sidecar only past protobuf's 2 GB limit. Export runs quietly: torch's exporter
+    logs and warns about a dozen lines per call that say nothing about this model."""
     try:
         import onnx as _onnx  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("ONNX export needs the optional extra: pip install 'dyninfer[onnx]'") from None
-    module = subnet(net, k)
-    example = torch.zeros(1, *_compact_of(net).input_shape)
-    torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        import onnxscript  # noqa: F401  (torch.onnx.export's dynamo exporter needs it)
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"ONNX export needs the optional extra ({err.name} is missing): "
+                          "pip install 'dyninfer[onnx]'") from None
+    module = dense(net, k)
+    example = torch.zeros(1, *input_shape_of(net))
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              external_data=size >= 2 * 1024 ** 3)
+    finally:
+        logger.setLevel(level)
     return Path(path)

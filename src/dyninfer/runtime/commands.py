@@ -1,4 +1,4 @@
-"""``dyninfer bench`` and ``dyninfer simulate``: registered on the main parser by :func:`add_commands`.
+"""``dyninfer export``, ``dyninfer bench`` and ``dyninfer simulate``: registered on the main parser by :func:`add_commands`.
 
 User errors raise ValueError / FileNotFoundError with a one-line message; the main CLI prints it.
 """
@@ -37,6 +37,64 @@ def _command(args: argparse.Namespace, name: str, flags: list[tuple[str, object]
         else:
             parts += [flag, str(value)]
     return shlex.join(parts)
+
+
+# ---------------------------------------------------------------------------- export
+EXPORT_FORMATS = ("onnx", "torchscript", "pt")
+
+
+def _exported_runner(fmt: str, path: Path):
+    """A function running the file just written, loaded the way a deployment would load it."""
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path))
+        return lambda x: module(x)
+    if fmt == "pt":
+        module = torch.load(path, weights_only=False)  # our own file, written a moment ago
+        return lambda x: module(x)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path))
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Subnet k of a run as a file that needs only torch (pt, torchscript) or onnxruntime (onnx),
+    checked against the library on a batch of the run's test images."""
+    from dyninfer import data, export
+
+    out = Path(args.file)  # a file, not a run folder: the CLI's --out folder checks do not apply
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the file to write")
+    runs.prepare_out(out.parent if str(out.parent) else Path("."), "--out's folder")
+    meta = runs.read_meta(args.run, tuple(runs.KINDS))
+    if meta["kind"] in ("lcnet", "doubly-nested"):
+        raise ValueError(f"{args.run} is a {meta['kind']} run: its networks are chosen per input or per cell, not "
+                         f"numbered subnets; export from Python (see the README)")
+    net = runs.load(args.run)
+    count = getattr(net, "num_subnets", 1)
+    k = count if args.subnet is None else args.subnet
+    if not 1 <= k <= count:
+        raise ValueError(f"--subnet must be in 1..{count} for {args.run}, got {k}")
+    if args.format == "onnx":
+        export.onnx(net, k, out)
+    elif args.format == "torchscript":
+        export.torchscript(net, k, out)
+    else:
+        torch.save(export.dense(net, k), out)
+    _, test = data.load(meta["data"], root=meta.get("data_root"), download=False)
+    x, _ = next(test.batches(args.check_images))
+    with torch.no_grad():
+        expected = net(x, subnet=k) if hasattr(net, "num_subnets") else net(x)
+        got = _exported_runner(args.format, out)(x)
+    diff = float((got - expected).abs().max())
+    print(f"wrote {out} ({args.format}, subnet {k} of {count}, {out.stat().st_size / 1024:.0f} KiB); on {len(x)} test "
+          f"images of {meta['data']} its logits differ from the library's by at most {diff:.2e}")
+    if diff > args.tolerance:
+        raise ValueError(f"the exported {args.format} file disagrees with the library by {diff:.2e} "
+                         f"(> --tolerance {args.tolerance:g}); {out} is kept for inspection")
+    return 0
 
 
 # ---------------------------------------------------------------------------- bench
@@ -116,6 +174,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``bench`` and ``simulate`` on the main CLI's subparsers."""
+    p = subparsers.add_parser("export", help="a subnet of a run as a deployable file, checked against the library")
+    p.add_argument("run", help="run directory (`dyninfer train`, `construct`, `demo`, `nonuniform train`)")
+    p.add_argument("--subnet", type=argtypes.positive_int, default=None, help="which subnet (default: the largest)")
+    p.add_argument("--format", default="pt", help="onnx (needs the [onnx] extra), torchscript or pt (default)")
+    p.add_argument("--out", dest="file", required=True, help="file to write")
+    p.add_argument("--check-images", type=argtypes.positive_int, default=64,
+                   help="test images the exported file is checked on (default 64)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted logit difference (default 1e-4)")
+    p.set_defaults(func=cmd_export)
+
     p = subparsers.add_parser("bench", help="measure latency: subnets from scratch, steps, stepping path")
     p.add_argument("run", help="run directory of a stepping net (`dyninfer construct` / `dyninfer demo`)")
     p.add_argument("--batches", type=argtypes.int_list, default=[1, 128], help="batch sizes (default 1,128)")
