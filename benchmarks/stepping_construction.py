@@ -9,6 +9,7 @@ no reader could see them (unmeasured), and how many end unreachable.
 
     python benchmarks/stepping_construction.py                       # LeNet-5 x2, CIFAR-10, 1200 steps
     python benchmarks/stepping_construction.py --data digits --steps 200 --variants ours,paper
+    python benchmarks/stepping_construction.py --steps 4500 --variants fig7,fig8 --stem stepping_figs78_lenet-5_cifar10
 
 Two variants run at a time (one thread each) on a 2-core machine. Writes
 benchmarks/results/stepping_construction_<model>_<data>.{md,json}.
@@ -37,7 +38,17 @@ VARIANTS = {
     "ours-cosine": {"lr_schedule": "cosine"},                  # + construction LR warm-up and cosine
     "ours-weighted-sum": {"importance_of": "weighted_sum"},    # Eq. 2's letter: r scales w.x, not the bias
     "ours-g4": {"granularity": 4},
+    # Fig. 7: the expansion ratio of the network construction starts from (LeNet-5's default is 2.0)
+    "x1.0": {"expansion": 1.0},
+    "x1.4": {"expansion": 1.4},
+    "x1.8": {"expansion": 1.8},
+    "x2.2": {"expansion": 2.2},
+    # Fig. 8: learning-rate suppression off; distillation on (a quarter of the steps first train the
+    # original network as Eq. 4's teacher: its steps count against the same budget)
+    "no-suppression": {"suppression": False},
+    "distilled": {"teacher_fraction": 0.25},
 }
+FIGURES = {"fig7": "x1.0,x1.4,x1.8,x2.2", "fig8": "ours,no-suppression,distilled"}
 
 
 def run_variant(job: tuple) -> dict:
@@ -67,6 +78,7 @@ def run_variant(job: tuple) -> dict:
             "fill_back": h.get("fill_back"), "unreachable": h["unreachable"],
             "dropped_zero_score": sum(r.get("dropped_zero_score", 0) for r in rounds),
             "dropped_unmeasured": sum(r.get("dropped_unmeasured", 0) for r in rounds),
+            "dropped_idle": h.get("dropped_idle"),
             "construction_iterations": len(h["iterations"]), "trim_rounds": h["trim_rounds"]}
 
 
@@ -76,7 +88,8 @@ def markdown(record: dict) -> str:
     lines = [f"# SteppingNet construction rules: {s['model']} on {s['data']}", "",
              f"Command: `{record['command']}`", "",
              f"Each variant: the comparison harness's SteppingNet, {s['steps']} optimizer steps x batch "
-             f"{s['batch_size']}, lr {s['lr']}, seed {s['seed']}, budgets {budgets}, no teacher. "
+             f"{s['batch_size']}, lr {s['lr']}, seed {s['seed']}, budgets {budgets}; no teacher unless a variant sets "
+             f"teacher_fraction (that share of the steps first trains the original network as Eq. 4's teacher). "
              f"Machine: {record['machine']['cpu']}, 1 thread per variant, two variants at a time; "
              f"wall time {record['wall_seconds']:.0f} s.", "",
              "| variant | rules | accuracy % per subnet | MACs % (of budget) | dropped: score 0 / unmeasured | "
@@ -108,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budgets", default="0.15,0.3,0.6,0.85")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:8]),
+                        help=f"comma-separated variants, or a figure: {', '.join(f'{k} = {v}' for k, v in FIGURES.items())}")
+    parser.add_argument("--stem", default=None, help="result file name (default stepping_construction_<model>_<data>)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
-    names = [v for v in args.variants.split(",") if v]
+    names = [v for part in args.variants.split(",") for v in FIGURES.get(part, part).split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "budgets": [float(b) for b in args.budgets.split(",")]}
     command = " ".join(["python", "benchmarks/stepping_construction.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     print(f"command: {command}")
-    stem = out / f"stepping_construction_{args.model}_{args.data}"
+    stem = out / (args.stem or f"stepping_construction_{args.model}_{args.data}")
     record = {"command": command, "machine": report.machine(), "settings": settings, "variants": []}
     start = time.perf_counter()
     jobs = [(n, VARIANTS[n], settings) for n in names]
