@@ -202,9 +202,12 @@ def test_export_writes_a_file_that_runs_without_dyninfer(fmt, demo_run, capsys, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--subnet", "9"], "--subnet must be in 1..4"),
-    (["--format", "tflite"], "--format must be one of onnx, torchscript, pt"),
+    (["--out", "/no/such/folder/x.pt"], "folder /no/such/folder does not exist"),
 ])
 def test_export_refuses_bad_requests_in_one_line(extra, message, demo_run, capsys, tmp_path):
     code, _, err = run(capsys, "export", str(demo_run), "--out", str(tmp_path / "x.pt"), *extra)
     assert code == 2 and message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "x.pt").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
+    with pytest.raises(SystemExit):
+        main(["export", str(demo_run), "--out", str(tmp_path / "x.pt"), "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err

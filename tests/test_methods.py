@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dyninfer import data, export, models
 from dyninfer.compare import Setup
 from dyninfer.methods.registry import get_method, list_methods
+from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime.compaction import as_compact
 
 SHAPE = (1, 8, 8)
@@ -41,8 +42,7 @@ def executed(fn) -> int:
 
 
 def dense_of(net, k: int):
-    exporter = getattr(net, "export", None)
-    return exporter(k) if callable(exporter) else export.subnet(net, k)
+    return export.dense(net, k)
 
 
 def test_the_registry_holds_the_four_papers_baselines():
@@ -76,6 +76,10 @@ def test_method_on_model(method, model, split):
         assert logits.shape == (8, train.num_classes) and torch.isfinite(logits).all()
         dense = dense_of(net, k).eval()
         torch.testing.assert_close(dense(x), logits, atol=1e-4, rtol=1e-4)
+        tagged = getattr(net, "net", None)
+        if isinstance(tagged, TaggedNet):  # eval net(x) may run the compacted form export is cut from:
+            with torch.no_grad():  # check against the masked training form too, an independent route
+                torch.testing.assert_close(dense(x), tagged.eval()(x, subnet=k), atol=1e-4, rtol=1e-4)
         ran = executed(lambda: dense(x[:1]))
         assert ran >= reported[k - 1]  # a dense export never does less than the subnet's MACs
         assert ran == scratch[k - 1], (method, k)  # the from-scratch figure is what the export runs

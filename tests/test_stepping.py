@@ -385,7 +385,7 @@ def test_construct_meets_budgets_and_obeys_causal_rule():
     # 8 iterations on random data leave dead ReLUs: an increment may end with no live channel, and
     # construction then says so rather than charging MACs for channels that change no answer
     empty = [k + 1 for k in range(1, len(fractions)) if fractions[k] == fractions[k - 1]]
-    assert bool(empty) == any("add no live channel" in str(w.message) for w in caught), (empty, caught)
+    assert bool(empty) == any("add no channel" in str(w.message) for w in caught), (empty, caught)
     t = net.net
     for i in range(t.num_hidden):  # no neuron reads a neuron of a larger subnet
         w = (t.layers[i].weight * t.weight_mask(i)).abs()
@@ -690,3 +690,18 @@ def test_eval_forward_runs_the_compacted_form_and_follows_weight_changes():
         torch.testing.assert_close(net(x, subnet=1), before + 1.0, atol=1e-5, rtol=1e-5)
     net.net.train()
     assert net(x, subnet=1).requires_grad  # training mode: the masked form, gradients reach the weights
+
+
+def test_dropping_idle_channels_keeps_min_channels_in_subnet_1():
+    """A group whose subnet-1 channels are all dead keeps min_channels of them: subnet 1 must run."""
+    from dyninfer.methods.stepping import drop_idle
+
+    torch.manual_seed(0)
+    net = TaggedSequential(toy_model(bn=False), 3, SHAPE)
+    random_tags(net, seed=3)
+    fc = net.num_hidden - 1
+    group = net.layer_group[fc]
+    raw = [torch.ones(w) for w in net.group_widths]
+    raw[group] = torch.where(net.tags(group) == 1, 0.0, 1.0)  # every tag-1 channel of the group silent
+    drop_idle(net, raw, min_channels=2)
+    assert int((net.tags(group) == 1).sum()) == 2

@@ -6,15 +6,16 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["check_subnet", "check_input"]
+__all__ = ["MAC_PATHS", "check_path", "check_subnet", "check_input"]
 
 
 MAC_PATHS = ("incremental", "scratch")
 
 
 def check_path(path) -> str:
-    """``path`` of a MAC figure: "incremental" (what stepping 1 -> k executes) or "scratch" (what
-    one from-scratch execution of subnet k multiplies)."""
+    """``path`` of a MAC figure: "incremental" (the live weights of subnet k's own blocks: what
+    stepping 1 -> k needs; its dense step blocks also multiply pruned weights, as zeros) or
+    "scratch" (what one from-scratch execution of subnet k multiplies)."""
     if path not in MAC_PATHS:
         raise ValueError(f"path must be one of {MAC_PATHS}, got {path!r}")
     return path

@@ -75,11 +75,17 @@ def subnet(net, k: int) -> nn.Sequential:
     return nn.Sequential(*modules).eval()
 
 
-def dense(net, k: int = 1) -> nn.Module:
+def dense(net, k: int) -> nn.Module:
     """Subnet ``k`` of any dyninfer object as a plain dense torch module (BatchNorm folded, eval
     mode), the one route every file format goes through: an incremental net's compacted prefix
-    (:func:`subnet`), a method's own ``export(k)`` (non-uniform, baselines), or a plain trained model
-    (``k`` must be 1)."""
+    (:func:`subnet`), a method's own ``export(k)`` (non-uniform, baselines, doubly nested
+    frontier cells), or a zoo model trained by ``dyninfer train`` (``k`` must be 1). An LC-Net
+    chooses its network per input: it has no subnet k to export (``dyninfer.lcnet`` compiles it)."""
+    from dyninfer.methods.lcnet import LCNet
+
+    if isinstance(net, LCNet):
+        raise TypeError("an LC-Net picks its network per input: it has no subnet k to export as one dense module "
+                        "(dyninfer.lcnet.LCRuntime runs it; its static backbone is net.backbone)")
     exporter = getattr(net, "export", None)
     if callable(exporter):
         n = net.num_subnets
@@ -89,13 +95,15 @@ def dense(net, k: int = 1) -> nn.Module:
     try:
         _compact_of(net)
     except TypeError:
-        if isinstance(net, nn.Module) and not hasattr(net, "num_subnets"):
+        if isinstance(net, nn.Module) and hasattr(net, "dyninfer_config") and not hasattr(net, "num_subnets"):
             if k != 1:
                 raise ValueError(f"a plain model has one network; k must be 1, got {k!r}") from None
             from dyninfer.nn.tagged import fold_module
 
             return fold_module(copy.deepcopy(net).eval())
-        raise
+        raise TypeError(f"cannot export a {type(net).__name__}: export takes a network with numbered subnets (a "
+                        f"SteppingNet, TaggedNet or CompactNet, or a method object with export(k)) or a zoo model"
+                        ) from None
     return subnet(net, k).eval()
 
 
@@ -155,7 +163,7 @@ def onnx(net, k: int, path: str | Path) -> Path:
         raise ImportError(f"ONNX export needs the optional extra ({err.name} is missing): "
                           "pip install 'dyninfer[onnx]'") from None
     module = dense(net, k)
-    example = torch.zeros(1, *input_shape_of(net))
+    example = torch.zeros(2, *input_shape_of(net))  # batch 2: a batch of 1 may be traced as a constant
     size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -163,7 +171,7 @@ def onnx(net, k: int, path: str | Path) -> Path:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
+            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               external_data=size >= 2 * 1024 ** 3)
     finally:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from dyninfer import checkpoint as ckpt
 from dyninfer import cost, models
+from dyninfer.checks import check_path
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
 from dyninfer.nn.tagged import TaggedNet
@@ -374,8 +375,11 @@ class DoublyNestedNet(nn.Module):
             raise ValueError(f"subnet must be an int in 1..{n} (the frontier), got {subnet!r}")
         return subnet
 
-    def mac_fractions(self) -> list[float]:
-        return [self.macs(d, c) / self.reference_macs for d, c in self.frontier()]
+    def mac_fractions(self, path: str = "incremental") -> list[float]:
+        """Per frontier cell: the causal triangle (``"incremental"``: what skipping the zero blocks,
+        or stepping wider, needs) or the rectangles one dense execution multiplies (``"scratch"``)."""
+        macs = self.causal_macs if check_path(path) == "incremental" else self.macs
+        return [macs(d, c) / self.reference_macs for d, c in self.frontier()]
 
     def export(self, subnet: int) -> nn.Module:
         return self.dense(*self.frontier()[self._check_subnet(subnet) - 1])

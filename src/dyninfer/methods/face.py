@@ -34,10 +34,11 @@ class TaggedSubnets:
         """MACs of each subnet along ``path``.
 
         ``"incremental"``: live weights the subnet's own blocks hold (pruned weights and, under
-        the causal rule, the forbidden upper blocks excluded): what stepping 1 -> k executes.
+        the causal rule, the forbidden upper blocks excluded): what stepping 1 -> k needs (the
+        dense step blocks multiply pruned weights too, as zeros: ``CompactNet.executed_step_macs``).
         ``"scratch"``: what one from-scratch execution of the subnet multiplies, i.e. the dense
-        rectangles ``dy.export.subnet(net, k)`` and ``net.dense(k)`` run, the zero upper blocks
-        of a causal net and pruned weights included. Under the full rule there is no
+        rectangles ``dy.export.subnet(net, k)`` and ``self.net.dense(k)`` run, the zero upper
+        blocks of a causal net and pruned weights included. Under the full rule there is no
         incremental path and the two agree up to pruning.
         """
         if check_path(path) == "incremental":

@@ -447,31 +447,36 @@ def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[
     return units
 
 
-def drop_idle(net: TaggedNet, raw: list[torch.Tensor]) -> dict:
-    """Drop the channels that cost MACs but change no subnet's logits, before the fill-back
-    spends what they cost. Returns how many were dropped of each kind.
+def drop_idle(net: TaggedNet, raw: list[torch.Tensor], min_channels: int = 1) -> dict:
+    """Drop the channels that cost MACs but change no subnet's logits on the importance samples,
+    before the fill-back spends what they cost. Returns how many were dropped of each kind.
 
     *Silent*: a channel a reader sees whose Eq. 3 score ``raw`` is exactly 0, i.e. its output is
-    0 on every importance sample (a dead ReLU; about a quarter of LeNet-5's fc neurons at lr
+    0 on every importance sample (a dead ReLU: hundreds of LeNet-5 x2's 408 fc neurons die at lr
     0.05). Kept, a silent channel of the classifier's source group is an increment's only
     "feature": the subnet then answers exactly like the one below it while paying for every
     channel that feeds it. *Unread*: a channel no reader sees (``TaggedNet.reachable``),
-    including those whose only readers were silent.
+    including those whose only readers were silent. Subnet 1 keeps ``min_channels`` channels of
+    every group whatever they score, as the moves guarantee (a network needs them to run).
     """
     n = net.num_subnets
-    silent = 0
-    for g, seen in enumerate(net.reachable()):
-        idle = torch.nonzero(seen & (raw[g] == 0)).squeeze(1)
+    dropped = {"silent": 0, "unread": 0}
+
+    def drop(g: int, idle: torch.Tensor, kind: str) -> None:
+        tags = net.tags(g)
+        spare = int((tags == 1).sum()) - min_channels  # tag-1 channels that may go
+        first = idle[tags[idle] == 1]
+        keep = first[:max(0, len(first) - max(spare, 0))]
+        idle = idle[~torch.isin(idle, keep)]
         if len(idle):
             net.set_tags(g, idle, n + 1)
-            silent += len(idle)
-    unread = 0
+            dropped[kind] += len(idle)
+
     for g, seen in enumerate(net.reachable()):
-        idle = torch.nonzero(~seen & (net.tags(g) <= n)).squeeze(1)
-        if len(idle):
-            net.set_tags(g, idle, n + 1)
-            unread += len(idle)
-    return {"silent": silent, "unread": unread}
+        drop(g, torch.nonzero(seen & (raw[g] == 0)).squeeze(1), "silent")
+    for g, seen in enumerate(net.reachable()):
+        drop(g, torch.nonzero(~seen & (net.tags(g) <= n)).squeeze(1), "unread")
+    return dropped
 
 
 def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
@@ -570,11 +575,17 @@ class SteppingNet(TaggedSubnets, nn.Module):
         gradients reach the weights. In eval mode the compacted inference form (cached, rebuilt
         when weights, tags or statistics change): the dense rectangles ``dy.export.subnet`` runs
         and ``mac_fractions(path="scratch")`` counts, so what is reported is what runs. Its weights
-        are BatchNorm-folded copies: in eval mode no gradient reaches the parameters.
+        are BatchNorm-folded copies: in eval mode no gradient reaches the parameters. The compacted
+        form runs on CPU; a net on another device, or one compaction cannot fold (BatchNorm without
+        running statistics), runs the masked form in eval mode too.
         """
-        if self.net.training:
+        if self.net.training or self.net.classifier.weight.device.type != "cpu":
             return self.net(x, subnet)
-        return self.compact()(x, subnet)
+        try:
+            compacted = self.compact()
+        except ValueError:
+            return self.net(x, subnet)
+        return compacted(x, subnet)
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""
@@ -794,16 +805,17 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         batches = stream("fill-back")
         raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
         scores, measured = _scores(net, raw, cfg, carried)
-        history["dropped_idle"] = drop_idle(net, raw)
+        history["dropped_idle"] = drop_idle(net, raw, cfg.min_channels)
         history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured)
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
     empty = [k + 1 for k in range(1, len(final)) if final[k] == final[k - 1]]
     if empty:
-        warnings.warn(f"subnet(s) {empty} add no live channel to the subnet below: every channel left in their "
-                      f"increment was silent (Eq. 3 score 0: a dead ReLU) or unread, and none of the dropped ones "
-                      f"could be re-admitted; they answer like the subnet below at the same MACs (a longer or "
-                      f"lower-lr construction keeps more neurons alive)", stacklevel=2)
+        warnings.warn(f"subnet(s) {empty} add no channel to the subnet below at the end of construction"
+                      + (": every channel left in their increment was silent (Eq. 3 score 0: a dead ReLU) or "
+                         "unread, and none of the dropped ones could be re-admitted" if cfg.fill_back else "")
+                      + "; they answer like the subnet below at the same MACs (a longer or lower-lr construction "
+                        "keeps more neurons alive)", stacklevel=2)
     history["final_macs"] = [m / reference for m in final]
     history["final_counts"] = net.counts()
     history["unreachable"] = [int((~r & (net.tags(g) <= net.num_subnets)).sum()) for g, r in

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes, runs
+from dyninfer.nn.tagged import TaggedNet
 
 
 def load_run(run: str | Path):
@@ -57,36 +58,59 @@ def _exported_runner(fmt: str, path: Path):
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
+def _reference_logits(net, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The library's answer the export is checked against: for a tagged net its masked form, an
+    independent route (eval-mode ``net(x, subnet=k)`` runs the compacted form the export is cut from)."""
+    tagged = getattr(net, "net", None)
+    if isinstance(tagged, TaggedNet):
+        tagged.eval()
+        return tagged(x, subnet=k)
+    return net(x, subnet=k) if hasattr(net, "num_subnets") else net(x)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Subnet k of a run as a file that needs only torch (pt, torchscript) or onnxruntime (onnx),
-    checked against the library on a batch of the run's test images."""
+    checked against the library on a batch of the run's test images. Everything is checked before
+    anything is written."""
+    import importlib.util
+    import os
+
     from dyninfer import data, export
 
     out = Path(args.file)  # a file, not a run folder: the CLI's --out folder checks do not apply
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
-    if out.exists() and out.is_dir():
+    if args.format == "onnx":
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--format onnx needs {', '.join(missing)}: pip install 'dyninfer[onnx]'")
+    if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the file to write")
-    runs.prepare_out(out.parent if str(out.parent) else Path("."), "--out's folder")
+    folder = out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: folder {folder} does not exist or is not writable")
     meta = runs.read_meta(args.run, tuple(runs.KINDS))
-    if meta["kind"] in ("lcnet", "doubly-nested"):
-        raise ValueError(f"{args.run} is a {meta['kind']} run: its networks are chosen per input or per cell, not "
-                         f"numbered subnets; export from Python (see the README)")
+    if meta["kind"] == "lcnet":
+        raise ValueError(f"{args.run} is an LC-Net run: it picks its network per input, so it has no subnet k to "
+                         f"export as one file")
+    if meta["kind"] == "doubly-nested":
+        raise ValueError(f"{args.run} is a doubly nested run: its subnets are (depth, width) cells; export one from "
+                         f"Python with dy.export.dense(dy.load(run), k) (k: frontier cell) or grid.dense(depth, width)")
     net = runs.load(args.run)
     count = getattr(net, "num_subnets", 1)
     k = count if args.subnet is None else args.subnet
     if not 1 <= k <= count:
         raise ValueError(f"--subnet must be in 1..{count} for {args.run}, got {k}")
+    _, test = data.load(meta["data"], root=meta.get("data_root"), download=False)
     if args.format == "onnx":
         export.onnx(net, k, out)
     elif args.format == "torchscript":
         export.torchscript(net, k, out)
     else:
         torch.save(export.dense(net, k), out)
-    _, test = data.load(meta["data"], root=meta.get("data_root"), download=False)
     x, _ = next(test.batches(args.check_images))
     with torch.no_grad():
-        expected = net(x, subnet=k) if hasattr(net, "num_subnets") else net(x)
+        expected = _reference_logits(net, x, k)
         got = _exported_runner(args.format, out)(x)
     diff = float((got - expected).abs().max())
     print(f"wrote {out} ({args.format}, subnet {k} of {count}, {out.stat().st_size / 1024:.0f} KiB); on {len(x)} test "
@@ -173,11 +197,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Register ``bench`` and ``simulate`` on the main CLI's subparsers."""
+    """Register ``export``, ``bench`` and ``simulate`` on the main CLI's subparsers."""
     p = subparsers.add_parser("export", help="a subnet of a run as a deployable file, checked against the library")
     p.add_argument("run", help="run directory (`dyninfer train`, `construct`, `demo`, `nonuniform train`)")
     p.add_argument("--subnet", type=argtypes.positive_int, default=None, help="which subnet (default: the largest)")
-    p.add_argument("--format", default="pt", help="onnx (needs the [onnx] extra), torchscript or pt (default)")
+    p.add_argument("--format", default="pt", choices=EXPORT_FORMATS,
+                   help="onnx (needs the [onnx] extra), torchscript or pt (default)")
     p.add_argument("--out", dest="file", required=True, help="file to write")
     p.add_argument("--check-images", type=argtypes.positive_int, default=64,
                    help="test images the exported file is checked on (default 64)")
