@@ -183,3 +183,32 @@ def test_a_teacher_and_teacher_fraction_conflict_is_refused_before_anything_trai
         compare.run("lenet-5", split, methods=["us", "earlyexit"], budgets=[0.5, 0.9], steps=2, batch_size=16,
                     latency_repeats=0, options={"us": {"at": "earlyexit"}})
     assert trained == []
+
+
+def test_every_method_is_saved_for_resuming_as_it_finishes(record):
+    folder = next(iter(record["files"])).rsplit("/", 1)[0]
+    from pathlib import Path
+
+    saved = {p.stem for p in (Path(folder) / "compare.partial").glob("*.pt")}
+    assert saved == set(compare.METHODS)
+
+
+def test_a_rerun_resumes_finished_methods_and_trains_the_rest(split, tmp_path, monkeypatch):
+    kwargs = dict(budgets=[0.3, 0.6, 0.9], steps=4, batch_size=BATCH, out=tmp_path, latency_batch=2,
+                  latency_repeats=1)
+    first = compare.run("lenet-5", split, methods=["slimmable", "anywidth"], **kwargs)
+
+    def refuse(setup):
+        raise AssertionError("a finished method was trained again")
+
+    monkeypatch.setitem(compare.BUILDERS, "slimmable", refuse)
+    monkeypatch.setitem(compare.BUILDERS, "anywidth", refuse)
+    second = compare.run("lenet-5", split, methods=["slimmable", "anywidth", "earlyexit"], **kwargs)
+    for name in ("slimmable", "anywidth"):
+        assert second["methods"][name]["accuracy"] == first["methods"][name]["accuracy"]
+        assert len(second["methods"][name]["latency_ms"]) == 3  # the resumed net itself was timed
+    assert second["methods"]["earlyexit"]["optimizer_steps"] == 4
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: nothing to resume
+        compare.run("lenet-5", split, methods=["slimmable"], **{**kwargs, "steps": 5})
+    with pytest.raises(AssertionError, match="trained again"):
+        compare.run("lenet-5", split, methods=["slimmable"], resume=False, **kwargs)

@@ -16,6 +16,8 @@ export per subnet for timing (``net.export(k)``, else :func:`dyninfer.export.sub
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import statistics
 import time
@@ -25,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from dyninfer import checkpoint as ckpt
 from dyninfer.data import ImageSet
 from dyninfer.methods import baselines, nonuniform, stepping  # noqa: F401  (importing a method module registers it)
 from dyninfer.methods.registry import Setup, get_method, list_methods
@@ -144,7 +147,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         steps: int = 1000, batch_size: int = 128, seed: int = 0, out: str | Path | None = None, *,
         lr: float = 0.05, options: dict[str, dict] | None = None, latency_batch: int = 128,
         latency_repeats: int = 9, data_root: str | None = None, stem: str = "compare", progress: bool = False,
-        command: str | None = None, teacher: nn.Module | None = None, teacher_name: str | None = None) -> dict:
+        command: str | None = None, teacher: nn.Module | None = None, teacher_name: str | None = None,
+        resume: bool = True) -> dict:
     """Train and evaluate every method in ``methods``; returns the result record (also written
     as ``<out>/<stem>.{md,json,png}`` when ``out`` is given).
 
@@ -155,6 +159,11 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     same distillation teacher for every method: SteppingNet's Eq. 4 in retraining, and
     gamma CE + (1 - gamma) KD for the others (:class:`dyninfer.methods.budget.Supervision`);
     without it every method trains on plain cross-entropy.
+
+    With ``out``, each method's result and trained net are saved as it finishes
+    (``<out>/<stem>.partial/``), and a rerun with the same settings (``resume=True``) takes them
+    from there instead of training that method again: a late failure loses one method at most.
+    ``resume=False`` trains every method anew.
     """
     from dyninfer import cost, models, report
     from dyninfer.methods.stepping import check_budgets
@@ -202,9 +211,20 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
 
     results: dict[str, dict] = {}
     nets: dict[str, Any] = {}
+    cache = _PartialResults(out, stem, {
+        "model": model_name, "data": train.name, "train": [len(train), ckpt.fingerprint({"y": train.labels})],
+        "test": [len(test), ckpt.fingerprint({"y": test.labels})], "budgets": budgets, "steps": steps,
+        "batch_size": batch_size, "seed": seed, "lr": lr,
+        "teacher": ckpt.fingerprint(teacher.state_dict()) if teacher is not None else None}) if out is not None else None
     for name in methods:
         setup = Setup(model_name, train, budgets, steps, batch_size, seed, lr, reference, progress,
                       dict(options.get(name, {})), {n: r["mac_fractions"] for n, r in results.items()}, teacher)
+        key = {"options": options.get(name, {}), "before": {n: r["mac_fractions"] for n, r in results.items()}}
+        found = cache.load(name, key) if cache is not None and resume else None
+        if found is not None:
+            results[name], nets[name] = found
+            log.info("%s: resumed from %s (trained by an earlier run with these settings)", name, cache.folder)
+            continue
         log.info("%s: training (%d steps x %d)", name, steps, batch_size)
         start = time.perf_counter()
         with _StepCounter() as counter:
@@ -236,6 +256,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
                         if k in history},
         }
         nets[name] = net
+        if cache is not None:
+            cache.save(name, key, results[name], net)
         log.info("%s: %.0f s; MACs %s; accuracy %s", name, seconds, " ".join(f"{f:.3f}" for f in fractions),
                  " ".join(f"{a:.4f}" for a in accuracies))
 
@@ -276,6 +298,57 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     if out is not None:
         record["files"] = [str(p) for p in write(record, out, stem)]
     return record
+
+
+class _PartialResults:
+    """Each method's result (JSON) and trained net, saved as it finishes, for resuming a comparison.
+
+    The net is a pickle (``torch.save`` of the whole module: a method's net has no other
+    complete serialisation), loaded back only by this cache, only from the folder this
+    comparison writes, and only when its SHA-256 and every setting match what was saved. It is
+    a resume cache for its own run, not a file to share (use ``dyninfer export`` for that).
+    """
+
+    def __init__(self, out: str | Path, stem: str, settings: dict):
+        self.folder = Path(out) / f"{stem}.partial"
+        self.settings = json.loads(json.dumps(settings, default=str))
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        return self.folder / f"{name}.json", self.folder / f"{name}.pt"
+
+    def load(self, name: str, key: dict):
+        meta_path, net_path = self._paths(name)
+        if not meta_path.exists() or not net_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            return None  # a damaged entry: train again
+        if (meta.get("settings") != self.settings or meta.get("key") != json.loads(json.dumps(key, default=str))
+                or meta.get("sha256") != hashlib.sha256(net_path.read_bytes()).hexdigest()):
+            return None
+        return meta["result"], torch.load(net_path, weights_only=False)
+
+    def save(self, name: str, key: dict, result: dict, net) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path, net_path = self._paths(name)
+        for module in net.modules():  # inference caches (closures) are rebuilt on demand: not saved
+            module._modules.pop("_compact", None)
+            module.__dict__.pop("_compact", None)
+            module.__dict__.pop("_compact_key", None)
+        tmp = net_path.with_suffix(".pt.tmp")
+        try:
+            torch.save(net, tmp)
+        except Exception as err:  # a net that cannot be pickled is simply not resumable
+            log.warning("%s: not saved for resuming (%s)", name, err)
+            tmp.unlink(missing_ok=True)
+            return
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        tmp.replace(net_path)
+        meta = {"settings": self.settings, "key": key, "sha256": digest, "result": result}
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        tmp.replace(meta_path)
 
 
 def _fold(model: nn.Module) -> nn.Module:

@@ -56,7 +56,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          options=parse_options(args.options), latency_batch=args.latency_batch,
                          latency_repeats=args.latency_repeats, data_root=args.data_root, stem=args.stem,
                          progress=not args.quiet, command=" ".join(["dyninfer"] + sys.argv[1:]),
-                         teacher=teacher, teacher_name=args.teacher)
+                         teacher=teacher, teacher_name=args.teacher, resume=not args.no_resume)
     text = compare.markdown(record)
     table = text.split("## Test accuracy (%) at matched MAC budgets", 1)[1].split("## Every subnet", 1)[0]
     print("Test accuracy (%) at matched MAC budgets" + table.rstrip())
@@ -92,6 +92,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--latency-repeats", type=int, default=9, help="0 skips timing")
     p.add_argument("--out", required=True, help="directory for <stem>.md, .json and .png")
     p.add_argument("--stem", default="compare")
+    p.add_argument("--no-resume", action="store_true",
+                   help="train every method anew (default: a rerun with the same settings takes the methods an "
+                        "earlier run finished from <out>/<stem>.partial/)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
