@@ -38,6 +38,7 @@ VARIANTS = {
     "ours-cosine": {"lr_schedule": "cosine"},                  # + construction LR warm-up and cosine
     "ours-weighted-sum": {"importance_of": "weighted_sum"},    # Eq. 2's letter: r scales w.x, not the bias
     "ours-g4": {"granularity": 4},
+    "ours-promote": {"promote": True},                          # + channels promoted to the subnet they serve
     # Fig. 7: the expansion ratio of the network construction starts from (LeNet-5's default is 2.0)
     "x1.0": {"expansion": 1.0},
     "x1.4": {"expansion": 1.4},
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budgets", default="0.15,0.3,0.6,0.85")
-    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:8]),
+    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:9]),
                         help=f"comma-separated variants, or a figure: {', '.join(f'{k} = {v}' for k, v in FIGURES.items())}")
     parser.add_argument("--stem", default=None, help="result file name (default stepping_construction_<model>_<data>)")
     parser.add_argument("--jobs", type=int, default=2)

@@ -400,6 +400,44 @@ class TaggedNet(nn.Module):
                     reach[g], changed = found, True
         return reach
 
+    def serving(self) -> list[torch.Tensor]:
+        """Per tag group, the smallest subnet whose logits each channel can influence (N + 1: none).
+
+        The classifier reads a feature of tag t in subnet t and every larger one; a channel read by
+        live, allowed weights serves the smallest subnet any of its readers serves (a reader's
+        tag is >= the channel's under the causal rule). A channel of tag t that serves only
+        subnets > t costs subnet t MACs without changing its logits. Computed as a fixpoint, like
+        :meth:`reachable`.
+        """
+        n = self.num_subnets
+        none = n + 1
+        uses = []
+        for i in range(self.num_hidden + 1):
+            mask = self.weight_mask(i)
+            uses.append(mask.flatten(2).any(2) if mask.dim() > 2 else mask)
+        level = [torch.full((w,), none, dtype=torch.long, device=self.tags(g).device)
+                 for g, w in enumerate(self.group_widths)]
+        changed = True
+        while changed:
+            changed = False
+            for g in range(self.num_groups):
+                found = level[g].clone()
+                tags = self.tags(g)
+                for i in self.group_readers(g):
+                    use = uses[i]
+                    if i == self.num_hidden:  # the classifier: feature of tag t counts from subnet t on
+                        reader = torch.zeros(use.shape[0], dtype=torch.long, device=found.device)
+                    else:
+                        reader = torch.where(self.layer_tags(i) <= n, level[self.layer_group[i]],
+                                             torch.full_like(level[self.layer_group[i]], none))
+                    per_feature = torch.where(use, reader.unsqueeze(1), torch.full_like(use, none, dtype=torch.long))
+                    best = per_feature.min(0).values.view(-1, self.in_repeat[i]).min(1).values
+                    found = torch.minimum(found, torch.maximum(best, tags))
+                found = torch.where(tags <= n, found, torch.full_like(found, none))
+                if not torch.equal(found, level[g]):
+                    level[g], changed = found, True
+        return level
+
     def counts(self) -> list[list[int]]:
         """Per tag group, the number of channels with each tag 1..N+1."""
         return [torch.bincount(self.tags(g), minlength=self.num_subnets + 2)[1:].tolist()
