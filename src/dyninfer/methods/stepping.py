@@ -85,7 +85,8 @@ class SteppingConfig:
     # Beyond the paper, before the fill-back: move each channel to the smallest subnet whose logits it
     # reaches (promote_to_serving). Measured on LeNet-5 x2 / CIFAR-10 at 4,500 steps (one seed): subnet 4
     # then gains 1.45 points over subnet 3 instead of none, but subnet 2 loses 2.6 (42.21 / 47.38 / 62.70 /
-    # 64.15 % vs 41.67 / 50.00 / 63.52 / 63.46 %), so it is not the default.
+    # 64.15 % vs 41.67 / 50.00 / 63.52 / 63.46 %; benchmarks/results/stepping_promote_lenet-5_cifar10.md
+    # against the "ours" row of stepping_figs78_lenet-5_cifar10.md), so it is not the default.
     promote: bool = False
     granularity: int = 1             # beyond the paper: channels moved together per layer (1: the paper)
     # "constant" (the paper's fixed rate), or beyond the paper "cosine": a warm-up over 5 % of the
