@@ -212,9 +212,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     results: dict[str, dict] = {}
     nets: dict[str, Any] = {}
     cache = _PartialResults(out, stem, {
-        "model": model_name, "data": train.name, "train": [len(train), ckpt.fingerprint({"y": train.labels})],
-        "test": [len(test), ckpt.fingerprint({"y": test.labels})], "budgets": budgets, "steps": steps,
-        "batch_size": batch_size, "seed": seed, "lr": lr,
+        "model": model_name, "data": _data_key(train), "test": _data_key(test), "budgets": budgets, "steps": steps,
+        "batch_size": batch_size, "seed": seed, "lr": lr, "code": _code_key(),
         "teacher": ckpt.fingerprint(teacher.state_dict()) if teacher is not None else None}) if out is not None else None
     for name in methods:
         setup = Setup(model_name, train, budgets, steps, batch_size, seed, lr, reference, progress,
@@ -223,6 +222,11 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         found = cache.load(name, key) if cache is not None and resume else None
         if found is not None:
             results[name], nets[name] = found
+            net = nets[name].eval()  # what is computed from the net, not trained, is computed again here
+            results[name].update(accuracy=[float(a) for a in net.evaluate(test)],
+                                 mac_fractions=[float(f) for f in net.mac_fractions()],
+                                 scratch_mac_fractions=[float(f) for f in net.mac_fractions(path="scratch")],
+                                 resumed=True)
             log.info("%s: resumed from %s (trained by an earlier run with these settings)", name, cache.folder)
             continue
         log.info("%s: training (%d steps x %d)", name, steps, batch_size)
@@ -300,13 +304,33 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     return record
 
 
+def _data_key(data: ImageSet) -> dict:
+    return {"name": data.name, "n": len(data), "shape": list(data.input_shape), "classes": data.num_classes,
+            "mean": json.loads(json.dumps(data.mean, default=str)), "std": json.loads(json.dumps(data.std, default=str)),
+            "augmentation": str(data.augmentation),
+            "tensors": ckpt.fingerprint({"x": torch.as_tensor(data.images), "y": torch.as_tensor(data.labels)})}
+
+
+def _code_key() -> dict:
+    """dyninfer's source and torch's version: a result from other code is not resumed."""
+    import dyninfer
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(dyninfer.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return {"dyninfer": dyninfer.__version__, "source": digest.hexdigest(), "torch": torch.__version__}
+
+
 class _PartialResults:
     """Each method's result (JSON) and trained net, saved as it finishes, for resuming a comparison.
 
     The net is a pickle (``torch.save`` of the whole module: a method's net has no other
     complete serialisation), loaded back only by this cache, only from the folder this
-    comparison writes, and only when its SHA-256 and every setting match what was saved. It is
-    a resume cache for its own run, not a file to share (use ``dyninfer export`` for that).
+    comparison writes, and only when every setting (data and test images, code and torch
+    versions included) matches what was saved. The SHA-256 next to it detects a damaged file,
+    not a tampered one: this is a resume cache for its own run, never a file to share or to
+    load from elsewhere (``dyninfer export`` writes files to share). Accuracy and MACs are
+    recomputed from a resumed net; its training time and logs are the earlier run's.
     """
 
     def __init__(self, out: str | Path, stem: str, settings: dict):
@@ -317,38 +341,43 @@ class _PartialResults:
         return self.folder / f"{name}.json", self.folder / f"{name}.pt"
 
     def load(self, name: str, key: dict):
+        """(result, net) saved for ``name`` under these settings, or None (then it trains again)."""
         meta_path, net_path = self._paths(name)
         if not meta_path.exists() or not net_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            return None  # a damaged entry: train again
-        if (meta.get("settings") != self.settings or meta.get("key") != json.loads(json.dumps(key, default=str))
-                or meta.get("sha256") != hashlib.sha256(net_path.read_bytes()).hexdigest()):
+            if (meta.get("settings") != self.settings or meta.get("key") != json.loads(json.dumps(key, default=str))
+                    or meta.get("sha256") != hashlib.sha256(net_path.read_bytes()).hexdigest()):
+                return None
+            return meta["result"], torch.load(net_path, weights_only=False)
+        except Exception as err:  # a damaged or unreadable entry: train again
+            log.warning("%s: saved result in %s not usable (%s); training it again", name, self.folder, err)
             return None
-        return meta["result"], torch.load(net_path, weights_only=False)
 
     def save(self, name: str, key: dict, result: dict, net) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Best effort: a net that cannot be saved (not picklable, disk full) is simply not resumable."""
         meta_path, net_path = self._paths(name)
-        for module in net.modules():  # inference caches (closures) are rebuilt on demand: not saved
-            module._modules.pop("_compact", None)
-            module.__dict__.pop("_compact", None)
-            module.__dict__.pop("_compact_key", None)
-        tmp = net_path.with_suffix(".pt.tmp")
+        tmp_net = tmp_meta = None
         try:
-            torch.save(net, tmp)
-        except Exception as err:  # a net that cannot be pickled is simply not resumable
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for module in net.modules():  # inference caches (closures) are rebuilt on demand: not saved
+                module._modules.pop("_compact", None)
+                module.__dict__.pop("_compact", None)
+                module.__dict__.pop("_compact_key", None)
+            tmp_net = ckpt._temp_in(self.folder, net_path.name)
+            torch.save(net, tmp_net)
+            digest = hashlib.sha256(tmp_net.read_bytes()).hexdigest()
+            tmp_meta = ckpt._temp_in(self.folder, meta_path.name)
+            tmp_meta.write_text(json.dumps({"settings": self.settings, "key": key, "sha256": digest,
+                                            "result": result}, indent=1, default=str))
+            tmp_net.replace(net_path)
+            tmp_meta.replace(meta_path)
+        except Exception as err:
             log.warning("%s: not saved for resuming (%s)", name, err)
-            tmp.unlink(missing_ok=True)
-            return
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        tmp.replace(net_path)
-        meta = {"settings": self.settings, "key": key, "sha256": digest, "result": result}
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        tmp.replace(meta_path)
+            for tmp in (tmp_net, tmp_meta):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
 
 
 def _fold(model: nn.Module) -> nn.Module:
@@ -445,7 +474,8 @@ def markdown(record: dict) -> str:
     lines += [markdown_table(headers, rows), ""]
 
     lines += ["## Training budget", ""]
-    rows = [[name, r["optimizer_steps"], r["counted_optimizer_steps"], r["samples"], f"{r['train_seconds']:.0f}",
+    rows = [[name, r["optimizer_steps"], r["counted_optimizer_steps"], r["samples"],
+             f"{r['train_seconds']:.0f}" + (" (resumed: an earlier run's)" if r.get("resumed") else ""),
              ", ".join(f"{p} {n}" for p, n in r["phases"].items())] for name, r in methods.items()]
     lines += [markdown_table(["method", "optimizer steps (own log)", "counted by hook", "samples", "seconds",
                               "phases"], rows), ""]

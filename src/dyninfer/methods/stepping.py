@@ -486,7 +486,7 @@ def drop_idle(net: TaggedNet, raw: list[torch.Tensor], min_channels: int = 1) ->
 
 
 @torch.no_grad()
-def promote_to_serving(net: TaggedNet, min_channels: int = 1) -> int:
+def promote_to_serving(net: TaggedNet) -> int:
     """Give every channel the tag of the smallest subnet whose logits it influences
     (``TaggedNet.serving``); returns how many channels moved. No subnet's logits change: a
     smaller subnet loses only channels that never reached its logits, and the connections the
@@ -494,18 +494,17 @@ def promote_to_serving(net: TaggedNet, min_channels: int = 1) -> int:
 
     Construction leaves such channels behind: a conv channel kept in subnet 3 whose only reader
     is a tag-4 channel of the next layer costs subnet 3 its MACs for nothing (LeNet-5 x2 /
-    CIFAR-10 left subnet 3 five conv1 channels read only by subnet 4). Subnet 1 keeps
-    ``min_channels`` channels of every group, as the moves guarantee.
+    CIFAR-10 left subnet 3 five conv1 channels read only by subnet 4). Subnet 1 keeps all it has:
+    keeping one of its channels while moving that channel's inputs would cut a connection it
+    uses (its inputs can only be tag 1, so leaving tag 1 alone is consistent).
     """
+    if net.exits:
+        raise ValueError("promote_to_serving handles the classifier only; this net has exit heads")
     before = [net.connectivity(i) for i in range(net.num_hidden)]
     moved = 0
     for g, level in enumerate(net.serving()):
         tags = net.tags(g)
-        up = (tags <= net.num_subnets) & (level <= net.num_subnets) & (level > tags)
-        first = torch.nonzero(up & (tags == 1)).squeeze(1)
-        short = min_channels - int(((tags == 1) & ~up).sum())  # subnet 1 keeps min_channels to run
-        if short > 0:
-            up[first[:short]] = False
+        up = (tags >= 2) & (tags <= net.num_subnets) & (level <= net.num_subnets) & (level > tags)
         if up.any():
             tags[up] = level[up]
             moved += int(up.sum())
@@ -844,8 +843,9 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
         scores, measured = _scores(net, raw, cfg, carried)
         history["dropped_idle"] = drop_idle(net, raw, cfg.min_channels)
-        if cfg.promote:
-            history["promoted"] = promote_to_serving(net, cfg.min_channels)
+    if cfg.promote:
+        history["promoted"] = promote_to_serving(net)
+    if cfg.fill_back:
         history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured)
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
