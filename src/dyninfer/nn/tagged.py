@@ -369,6 +369,14 @@ class TaggedNet(nn.Module):
         return pruned
 
     @torch.no_grad()
+    def _uses(self) -> list[torch.Tensor]:
+        """Per reader layer (classifier last): (out, in-feature) bool of its live, allowed weights."""
+        uses = []
+        for i in range(self.num_hidden + 1):
+            mask = self.weight_mask(i)
+            uses.append(mask.flatten(2).any(2) if mask.dim() > 2 else mask)
+        return uses
+
     def reachable(self) -> list[torch.Tensor]:
         """Per tag group, which channels can influence the logits of a subnet that contains them.
 
@@ -379,10 +387,7 @@ class TaggedNet(nn.Module):
         since a residual stream's readers may feed the stream again.
         """
         n = self.num_subnets
-        uses = []  # per reader layer: (out, in-feature) bool of live, allowed weights
-        for i in range(self.num_hidden + 1):
-            mask = self.weight_mask(i)
-            uses.append(mask.flatten(2).any(2) if mask.dim() > 2 else mask)
+        uses = self._uses()
         reach = [torch.zeros(w, dtype=torch.bool, device=self.tags(g).device)
                  for g, w in enumerate(self.group_widths)]
         changed = True
@@ -411,10 +416,7 @@ class TaggedNet(nn.Module):
         """
         n = self.num_subnets
         none = n + 1
-        uses = []
-        for i in range(self.num_hidden + 1):
-            mask = self.weight_mask(i)
-            uses.append(mask.flatten(2).any(2) if mask.dim() > 2 else mask)
+        uses = self._uses()
         level = [torch.full((w,), none, dtype=torch.long, device=self.tags(g).device)
                  for g, w in enumerate(self.group_widths)]
         changed = True
