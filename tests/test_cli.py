@@ -102,6 +102,7 @@ def test_demo_runs_end_to_end_small(capsys, tmp_path):
     assert "original network" in out and "subnet 4" in out and "incremental check" in out
     table = json.loads((tmp_path / "demo" / "table.json").read_text())
     assert len(table["accuracy"]) == 4 and all(0 <= a <= 1 for a in table["accuracy"])
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "demo.png" in out
 
 
 def test_a_second_run_on_the_same_out_is_refused_with_the_holders_pid(capsys, tmp_path):

@@ -219,7 +219,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nSteppingNet on digits (Table I layout; MACs relative to the original network):\n" + table)
 
     print("\n" + check_reuse(net, next(test_set.batches(len(test_set)))[0]))
-    print_latency(net, batch=128)
+    model = print_latency(net, batch=128)
+    plot = report.subnet_plot(out / "demo.png", accuracies, net.mac_fractions(), original, model.scratch_ms,
+                              model.step_ms)
+    print(f"wrote {plot} (accuracy vs MACs, latency per subnet and per step)")
     print(f"done in {time.perf_counter() - start:.0f} s; run saved to {out} (try `dyninfer eval {out}`)")
     return 0
 
@@ -255,7 +258,7 @@ def check_reuse(net, x: torch.Tensor) -> str:
             f"kept as zeros) and matches from-scratch logits to {worst:.1e}")
 
 
-def print_latency(net, batch: int) -> None:
+def print_latency(net, batch: int):
     """Measured wall-clock latency of each subnet and each step (compacted form, this machine)."""
     from dyninfer import report
     from dyninfer.runtime.latency import calibrate
@@ -271,6 +274,7 @@ def print_latency(net, batch: int) -> None:
     path = sum(model.step_ms)
     print(f"stepping 1->{net.num_subnets}: {path:.3f} ms = {path / model.scratch_ms[-1]:.2f}x running the largest "
           f"subnet once from scratch")
+    return model
 
 
 # ---------------------------------------------------------------------------- parser

@@ -60,3 +60,42 @@ def write(out: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, 
         tmp.write_text(text)
         os.replace(tmp, path)
     return paths
+
+
+def subnet_plot(path: str | Path, accuracies: Sequence[float], fractions: Sequence[float], original: float | None,
+                scratch_ms: Sequence[float], step_ms: Sequence[float]) -> Path:
+    """Two panels: accuracy vs MACs per subnet (the original network as a reference point), and
+    measured latency per subnet from scratch next to the stepping path's running total."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = list(range(1, len(accuracies) + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot([100 * f for f in fractions], [100 * a for a in accuracies], "o-", label="subnets 1..N")
+    for i, f, a in zip(k, fractions, accuracies):
+        left.annotate(str(i), (100 * f, 100 * a), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if original is not None:
+        left.plot([100], [100 * original], "k*", markersize=10, label="original network")
+    left.set_xlabel("MACs (% of the original network)")
+    left.set_ylabel("test accuracy (%)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+    running = [sum(step_ms[:i]) for i in k]
+    width = 0.4
+    right.bar([i - width / 2 for i in k], scratch_ms, width, label="subnet k from scratch")
+    right.bar([i + width / 2 for i in k], running, width, label="stepping 1 -> k (running total)")
+    right.set_xticks(k)
+    right.set_xlabel("subnet")
+    right.set_ylabel("measured latency (ms)")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
