@@ -27,7 +27,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+import dyninfer
 from dyninfer import checkpoint as ckpt
+from dyninfer import export, report
 from dyninfer.data import ImageSet
 from dyninfer.methods import baselines, nonuniform, stepping  # noqa: F401  (importing a method module registers it)
 from dyninfer.methods.registry import Setup, get_method, list_methods
@@ -59,12 +61,6 @@ class _StepCounter:
 
 
 # ---------------------------------------------------------------------------- timing
-def _dense_module(method, k: int) -> nn.Module:
-    from dyninfer import export
-
-    return export.dense(method, k)
-
-
 def _path_fn(method) -> Callable[[torch.Tensor], None]:
     def path(x: torch.Tensor) -> None:
         run = method.start(x)
@@ -269,7 +265,7 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         configs: dict[Any, tuple] = {("original", 1): (None, _fold(original))}
         for name, net in nets.items():
             for k in range(1, net.num_subnets + 1):
-                configs[(name, k)] = (None, _dense_module(net, k))
+                configs[(name, k)] = (None, export.dense(net, k))
             if results[name]["incremental"]:
                 configs[(name, "path")] = (_path_fn(net), None)
         timed = measure_latency(configs, train.input_shape, latency_batch, latency_repeats)
@@ -313,8 +309,6 @@ def _data_key(data: ImageSet) -> dict:
 
 def _code_key() -> dict:
     """dyninfer's source and torch's version: a result from other code is not resumed."""
-    import dyninfer
-
     digest = hashlib.sha256()
     for path in sorted(Path(dyninfer.__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
@@ -503,12 +497,7 @@ def plot(record: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return report.save_figure(fig, path)
 
 
 def write(record: dict, out: str | Path, stem: str = "compare") -> list[Path]:

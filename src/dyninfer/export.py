@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dyninfer.nn.tagged import fold_module
+from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.graph import CompactGraph
 
 
 def _compact_of(net):
-    from dyninfer.runtime.compaction import as_compact
-
     try:
         return as_compact(net)
     except TypeError:
-        raise TypeError(f"cannot export a {type(net).__name__}; expected a SteppingNet, TaggedSequential "
-                        f"or CompactNet") from None
+        raise TypeError(f"cannot export a {type(net).__name__}: export takes a network with numbered subnets (a "
+                        f"SteppingNet, TaggedNet or CompactNet, or a method object with export(k)) or a zoo "
+                        f"model") from None
 
 
 @contextmanager
@@ -81,29 +82,17 @@ def dense(net, k: int) -> nn.Module:
     (:func:`subnet`), a method's own ``export(k)`` (non-uniform, baselines, doubly nested
     frontier cells), or a zoo model trained by ``dyninfer train`` (``k`` must be 1). An LC-Net
     chooses its network per input: it has no subnet k to export (``dyninfer.lcnet`` compiles it)."""
-    from dyninfer.methods.lcnet import LCNet
-
-    if isinstance(net, LCNet):
-        raise TypeError("an LC-Net picks its network per input: it has no subnet k to export as one dense module "
-                        "(dyninfer.lcnet.LCRuntime runs it; its static backbone is net.backbone)")
+    if getattr(net, "picks_per_input", False):
+        raise TypeError(f"a {type(net).__name__} picks its network per input: it has no subnet k to export as one "
+                        f"dense module (an LC-Net runs through dyninfer.lcnet.LCRuntime; its static backbone is "
+                        f"net.backbone)")
     exporter = getattr(net, "export", None)
     if callable(exporter):
-        n = net.num_subnets
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise ValueError(f"k must be an int in 1..{n}, got {k!r}")
-        return exporter(k).eval()
-    try:
-        _compact_of(net)
-    except TypeError:
-        if isinstance(net, nn.Module) and hasattr(net, "dyninfer_config") and not hasattr(net, "num_subnets"):
-            if k != 1:
-                raise ValueError(f"a plain model has one network; k must be 1, got {k!r}") from None
-            from dyninfer.nn.tagged import fold_module
-
-            return fold_module(copy.deepcopy(net).eval())
-        raise TypeError(f"cannot export a {type(net).__name__}: export takes a network with numbered subnets (a "
-                        f"SteppingNet, TaggedNet or CompactNet, or a method object with export(k)) or a zoo model"
-                        ) from None
+        return exporter(_check_k(net, k)).eval()
+    if isinstance(net, nn.Module) and hasattr(net, "dyninfer_config") and not hasattr(net, "num_subnets"):
+        if k != 1:
+            raise ValueError(f"a plain model has one network; k must be 1, got {k!r}")
+        return fold_module(copy.deepcopy(net).eval())
     return subnet(net, k).eval()
 
 

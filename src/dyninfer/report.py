@@ -92,6 +92,13 @@ def subnet_plot(path: str | Path, accuracies: Sequence[float], fractions: Sequen
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

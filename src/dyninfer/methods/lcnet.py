@@ -99,6 +99,8 @@ class LCNet(nn.Module):
     blocks numbered in execution order. Build with :func:`wrap`.
     """
 
+    picks_per_input = True  # no numbered subnets: dyninfer.export.dense refuses it with a pointer
+
     def __init__(self, backbone: nn.Module, mode: str = "parallel", slope: float = DEFAULT_SLOPE,
                  init_bias: float = 1.0, init_std: float = 0.1) -> None:
         super().__init__()

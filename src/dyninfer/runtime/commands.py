@@ -6,12 +6,14 @@ User errors raise ValueError / FileNotFoundError with a one-line message; the ma
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import shlex
 from pathlib import Path
 
 import torch
 
-from dyninfer import argtypes, runs
+from dyninfer import argtypes, data, export, runs
 from dyninfer.nn.tagged import TaggedNet
 
 
@@ -72,11 +74,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Subnet k of a run as a file that needs only torch (pt, torchscript) or onnxruntime (onnx),
     checked against the library on a batch of the run's test images. Everything is checked before
     anything is written."""
-    import importlib.util
-    import os
-
-    from dyninfer import data, export
-
     out = Path(args.file)  # a file, not a run folder: the CLI's --out folder checks do not apply
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
@@ -146,8 +143,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- simulate
 def _test_inputs(net, meta: dict, data_root: str | None, limit: int, seed: int):
     """(inputs, labels, description): the run's test set, or synthetic inputs if unavailable."""
-    from dyninfer import data
-
     try:
         _, test = data.load(meta["data"], root=data_root or meta.get("data_root"), download=False)
         x, y = next(test.batches(min(limit, len(test))))
