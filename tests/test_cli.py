@@ -212,3 +212,42 @@ def test_export_refuses_bad_requests_in_one_line(extra, message, demo_run, capsy
     with pytest.raises(SystemExit):
         main(["export", str(demo_run), "--out", str(tmp_path / "x.pt"), "--format", "tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [0, 100])
+def test_finished_progress_bars_leave_no_blank_lines(tmp_path, columns):
+    """A user's terminal (a pseudo-terminal: sized, or without a size as under `script`) shows
+    each bar while it runs; when it finishes it is gone and no empty line is left behind."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40 if columns else 0, columns, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dyninfer", "construct", "--model", "lenet-5", "--data", "digits", "--budgets",
+         "0.4,0.9", "--iterations", "3", "--batches-per-iteration", "2", "--retrain-epochs", "1",
+         "--out", str(tmp_path / "run")], stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the follower side closed: the process has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    raw = b"".join(chunks).decode("utf-8", "replace")
+    if columns:
+        assert "construct:" in raw and "retrain:" in raw, "no bar was shown: the check below would prove nothing"
+    # what stays on screen of each line is the text after its last carriage return
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in raw.replace("\r\n", "\n").split("\n")[:-1]]
+    assert shown and all(shown), f"blank line(s) left at {[i for i, s in enumerate(shown) if not s]}: {shown}"
+    assert any(s.startswith("retrained all subnets for 1 epochs") for s in shown)

@@ -386,3 +386,11 @@ def test_cli_pretrained_backbone_is_loaded_and_checked(tmp_path, capsys):
     # with (almost) no learning the backbone is still the pre-trained one: the weights were loaded
     torch.testing.assert_close(net.backbone.stem[0].weight, backbone.stem[0].weight, atol=1e-6, rtol=0)
     assert not torch.allclose(net.backbone.stem[0].weight, tiny(shape=(1, 8, 8)).stem[0].weight)
+
+
+def test_cli_refuses_a_model_without_blocks_before_reading_data(tmp_path, capsys):
+    from dyninfer.cli import main
+
+    assert main(["lcnet", "train", "--model", "lenet-5", "--data", "digits", "--out", str(tmp_path / "o")]) == 2
+    assert "--model lenet-5 is not one (choose from resnet-18" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -140,9 +140,12 @@ def build_stepping(model, train_set, test_set, budgets, config, teacher=None, qu
               f"({len(net.history['iterations'])} iterations); MACs/original: "
               + ", ".join(f"{f:.3f}" for f in net.mac_fractions()))
     start = time.perf_counter()
-    net.retrain(train_set, teacher=teacher, checkpoint=stem("retraining"), resume=resume)
+    log = net.retrain(train_set, teacher=teacher, checkpoint=stem("retraining"), resume=resume)
     net.history["construction_wall_seconds"] = built
     net.history["retrain_wall_seconds"] = time.perf_counter() - start
+    if not quiet and log:
+        print(f"retrained all subnets for {len(log)} epochs in {net.history['retrain_wall_seconds']:.0f} s; "
+              "last epoch's losses: " + ", ".join(f"{v:.3f}" for v in log[-1]["loss"]))
     return net
 
 

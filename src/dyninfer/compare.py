@@ -251,6 +251,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
             "recompute_mac_fraction": float(sum(scratch)),  # each subnet from scratch: its rectangles
             "optimizer_steps": reported, "counted_optimizer_steps": counter.count, "samples": samples,
             "phases": history.get("phases", {}), "train_seconds": seconds,
+            # what was trained, as a content hash of the weights: two seeded runs agree on it
+            "weights_fingerprint": ckpt.fingerprint(net.state_dict()),
             "details": {k: history[k] for k in ("config", "multipliers", "channels", "expansion", "exits",
                                                 "width_range", "stepping_config", "construction_warnings")
                         if k in history},

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dyninfer import progress
+
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
 
@@ -689,7 +691,6 @@ def _verify(path: Path, checksum: str | None) -> tuple[bool, str]:
 
 def _fetch(url: str, dest: Path, checksum: str | None) -> None:
     """Download ``url`` to ``dest`` atomically (temp file + rename), verifying ``checksum``."""
-    from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -697,8 +698,8 @@ def _fetch(url: str, dest: Path, checksum: str | None) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             total = response.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                      desc=dest.name, disable=None, leave=False) as bar:
+            with progress.bar(total=int(total) if total else None, unit="B", unit_scale=True,
+                              desc=dest.name) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

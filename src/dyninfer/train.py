@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dyninfer import checkpoint as ckpt
+from dyninfer import progress
 from dyninfer.data import ImageSet
 
 __all__ = ["TrainConfig", "TrainerState", "FrozenTeacher", "kd_loss", "evaluate", "fit", "lr_factor", "make_optimizer"]
@@ -529,7 +529,6 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
     loss_fn = loss_fn or _default_loss(config, forward)
     steps = _steps_per_epoch(len(train), config, ctx.world_size)
     show = config.progress and lead
-    from tqdm.auto import tqdm
 
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):  # seed freely, leave the caller's RNG as it was
@@ -549,8 +548,7 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
             sums: dict[str, Tensor] = {}
             seen_n, correct = 0, torch.zeros((), device=device)
             t0 = time.perf_counter()
-            bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=None if show else True, file=sys.stderr, dynamic_ncols=True)
+            bar = progress.bar(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", enabled=show)
             for i, (x, y) in enumerate(bar):
                 state.batch_index = i
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -605,8 +603,8 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
             if lead:
                 log.info("epoch %d/%d %s", epoch + 1, config.epochs, json.dumps(record))
                 if show:
-                    tqdm.write(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), file=sys.stderr)
+                    progress.write(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
             if out_dir is not None and lead:
                 with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")

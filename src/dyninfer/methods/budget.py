@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from dyninfer import progress as progress_bars
 from dyninfer.data import ImageSet
 from dyninfer.train import FrozenTeacher, kd_loss
 
@@ -137,7 +137,7 @@ def run_steps(step: Callable[[torch.Tensor, torch.Tensor], float], optimizer: to
     if steps <= 0:
         return
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    bar = tqdm(range(steps), disable=not progress, desc=phase, leave=False)
+    bar = progress_bars.bar(range(steps), desc=phase, enabled=progress)
     for _ in bar:
         x, y = next(stream)
         loss = step(x, y)

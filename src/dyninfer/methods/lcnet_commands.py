@@ -76,6 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dyninfer import data, models
     from dyninfer.methods import lcnet
 
+    resnets = [m for m in models.list_models() if m.startswith("resnet")]
+    if args.model not in resnets:  # before the data is read: nothing loaded, nothing written
+        raise ValueError(f"LC-Net gates the blocks of a ResNet; --model {args.model} is not one "
+                         f"(choose from {', '.join(resnets)})")
     train_set, test_set = data.load(args.data, root=args.data_root)
     pretrained = None
     if args.pretrained:

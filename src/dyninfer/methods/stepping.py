@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dyninfer import checkpoint as ckpt
+from dyninfer import progress
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import (
@@ -667,10 +667,10 @@ class SteppingNet(TaggedSubnets, nn.Module):
                 self.net.eval()
                 return log
             if cfg.progress:
-                tqdm.write(f"resuming retraining from {checkpoint} after epoch {len(log)}")
+                progress.write(f"resuming retraining from {checkpoint} after epoch {len(log)}")
         self.net.train()
-        bar = tqdm(total=epochs * steps_per_epoch, initial=len(log) * steps_per_epoch, disable=not cfg.progress,
-                   desc="retrain")
+        bar = progress.bar(total=epochs * steps_per_epoch, initial=len(log) * steps_per_epoch, desc="retrain",
+                           enabled=cfg.progress)
         with torch.random.fork_rng():
             for epoch in range(len(log), epochs):
                 start, losses = time.perf_counter(), []
@@ -772,7 +772,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     total_steps = cfg.iterations * cfg.batches_per_iteration
     first = len(history["iterations"])
     if first and cfg.progress:
-        tqdm.write(f"resuming construction from {checkpoint} after iteration {first}"
+        progress.write(f"resuming construction from {checkpoint} after iteration {first}"
                    + (" (budgets already met)" if history["budgets_met"] else ""))
 
     def meets(macs):
@@ -782,8 +782,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, *key, "data"))
         return _endless(train, cfg.batch_size, generator)
 
-    bar = tqdm(range(first, cfg.iterations), initial=first, total=cfg.iterations, disable=not cfg.progress,
-               desc="construct")
+    bar = progress.bar(range(first, cfg.iterations), initial=first, total=cfg.iterations, desc="construct",
+                       enabled=cfg.progress)
     with torch.random.fork_rng():  # seed per iteration; leave the caller's RNG as it was
         for it in bar:
             if history["budgets_met"]:
