@@ -154,9 +154,12 @@ def test_slice_cache_reuses_weights_without_changing_results():
 # ----------------------------------------------------------------------------- real skipping
 
 
-def test_skipped_block_is_the_shortcut_and_runs_no_convolution():
+@pytest.mark.parametrize("mode", lcnet.MODES)
+def test_skipped_block_is_the_shortcut_and_runs_no_convolution(mode):
+    """Sequential: a skipped block runs no convolution of its branch. Parallel (the paper's
+    configuration): conv1 ran beside the gates before they decided, so only conv2 is saved."""
     backbone = tiny().eval()
-    net = gates_on(lcnet.wrap(backbone))
+    net = gates_on(lcnet.wrap(backbone, mode=mode))
     names = net.block_names
     identity, projection = names.index("stages.0.1"), names.index("stages.1.0")
     with torch.no_grad():
@@ -177,12 +180,16 @@ def test_skipped_block_is_the_shortcut_and_runs_no_convolution():
     torch.testing.assert_close(net(x), expected_net(x))  # the masked reference agrees
 
     all_convs = 1 + 2 * len(names) + 2  # stem, two per block, two projection shortcuts
-    assert len(log.weights) == all_convs - 4  # both skipped blocks' conv1 and conv2 never ran
+    saved = 4 if mode == "sequential" else 2  # both skipped blocks' conv2 (and, sequential, conv1) never ran
+    assert len(log.weights) == all_convs - saved
     assert (8, 4, 1, 1) in log.weights  # the skipped projection block still ran its shortcut
 
 
-def test_zero_channels_are_sliced_out_of_conv1_and_conv2():
-    net = randomize(lcnet.wrap(tiny()))
+@pytest.mark.parametrize("mode", lcnet.MODES)
+def test_zero_channels_are_sliced_out_of_conv1_and_conv2(mode):
+    """Sequential slices conv1's outputs and conv2's inputs; parallel computed conv1 in full
+    beside the gates and slices conv2's inputs."""
+    net = randomize(lcnet.wrap(tiny(), mode=mode))
     gates_on(net)
     first = net.blocks[0]
     c = first.conv1.out_channels
@@ -192,7 +199,7 @@ def test_zero_channels_are_sliced_out_of_conv1_and_conv2():
     with ConvLog() as log:
         out = net.compile()(x)
     conv1, conv2 = log.weights[1], log.weights[2]  # after the stem
-    assert conv1 == (c - 2, first.conv1.in_channels, 3, 3)
+    assert conv1 == (c - 2 if mode == "sequential" else c, first.conv1.in_channels, 3, 3)
     assert conv2 == (first.conv2.out_channels, c - 2, 3, 3)
 
     # the masked dense computation: channels multiplied by 0 instead of not computed
@@ -209,15 +216,17 @@ def test_zero_channels_are_sliced_out_of_conv1_and_conv2():
     torch.testing.assert_close(net(x), dense)
 
 
-def test_block_with_no_active_channel_costs_no_convolution():
-    net = gates_on(randomize(lcnet.wrap(tiny("resnet-50"))))
+@pytest.mark.parametrize("mode", lcnet.MODES)
+def test_block_with_no_active_channel_costs_no_convolution(mode):
+    net = gates_on(randomize(lcnet.wrap(tiny("resnet-50"), mode=mode)))
     with torch.no_grad():
         net.gates[2].cnet.bias.fill_(-3.0)  # block kept, but every channel off
     x = torch.randn(1, 3, 8, 8)
     with ConvLog() as log:
         out = net.compile()(x)
     torch.testing.assert_close(out, net(x), atol=1e-4, rtol=1e-4)
-    assert len(log.weights) == 1 + 3 * len(net.blocks) + 4 - 3  # block 2's three convs skipped
+    saved = 3 if mode == "sequential" else 2  # block 2's three convs skipped (parallel: conv1 ran)
+    assert len(log.weights) == 1 + 3 * len(net.blocks) + 4 - saved
 
 
 # ----------------------------------------------------------------------------- cost
@@ -241,15 +250,56 @@ def test_instance_macs_equal_cost_of_the_sliced_network(name, mode):
     assert int(per_input.max()) <= table.full_macs(mode)
 
 
-def test_sequential_mode_skips_the_channel_net_of_skipped_blocks():
+def test_modes_differ_by_the_skipped_channel_nets_and_the_conv1_work_parallel_does_in_full():
+    """Parallel - sequential, per input and block: the C-Net of a skipped block (in x C) plus
+    conv1's inactive channels (parallel computes conv1 before the gates decide), with conv1's
+    cost per channel read from the layer's shapes as it runs (a forward hook), not the table."""
     net = randomize(lcnet.wrap(tiny()), seed=2)
     x = torch.randn(8, 3, 8, 8)
     parallel, sequential = net.instance_macs(x, "parallel"), net.instance_macs(x, "sequential")
-    table = net.mac_table((3, 8, 8))
-    skipped = torch.stack([s == 0 for s, _ in net.saliencies(x)])  # (blocks, N)
-    saved = sum(skipped[i].long() * table.in_features[i] * table.channels[i] for i in range(len(skipped)))
-    assert skipped.any()
-    assert torch.equal(parallel - sequential, saved)
+    per_channel = {}
+    hooks = [b.conv1.register_forward_hook(
+        lambda m, _, out, i=i: per_channel.__setitem__(i, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                                                       * out.shape[2] * out.shape[3]))
+        for i, b in enumerate(net.blocks)]
+    net.backbone(x[:1])
+    for h in hooks:
+        h.remove()
+    expected = torch.zeros(len(x), dtype=torch.int64)
+    for i, (s_l, s_c) in enumerate(net.saliencies(x)):
+        block = net.blocks[i]
+        c = block.conv1.out_channels
+        active = torch.where(s_l > 0, (s_c > 0).sum(1), 0)
+        expected += (s_l == 0).long() * block.conv1.in_channels * c + per_channel[i] * (c - active)
+    assert (parallel > sequential).all()
+    assert torch.equal(parallel - sequential, expected)
+
+
+@pytest.mark.parametrize("mode", lcnet.MODES)
+def test_runtime_executes_exactly_the_reported_macs_at_batch_1_and_in_batches(mode):
+    """torch's FlopCounterMode on the runtime itself: one input at a time, and a batch run by
+    the 'group' strategy (one pass per distinct decision), execute exactly instance_macs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = randomize(lcnet.wrap(tiny(), mode=mode), seed=4)
+    x = torch.randn(10, 3, 8, 8)
+    reported = net.instance_macs(x)
+    assert len(set(reported.tolist())) > 1
+    runtime = net.compile()
+
+    def executed(fn):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops() // 2  # a MAC is two FLOPs
+
+    for i in range(len(x)):
+        assert executed(lambda: runtime(x[i:i + 1])) == int(reported[i])
+    assert executed(lambda: runtime(x, strategy="group")) == int(reported.sum())
+    table, saliencies = net.mac_table((3, 8, 8)), net.saliencies(x)
+    for strategy in lcnet.STRATEGIES:
+        assert executed(lambda: runtime(x, strategy=strategy)) == table.batch_macs(saliencies, mode, strategy), strategy
+    assert table.batch_macs(saliencies, mode, "dense") == len(x) * table.full_macs(mode)
 
 
 # ----------------------------------------------------------------------------- training

@@ -202,7 +202,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_set, test_set = _load_data("digits", None)
     print(f"digits: {len(train_set)} training and {len(test_set)} test images of {train_set.input_shape}")
     teacher = models.create("lenet-3c1l", num_classes=10, expansion=1.0, input_shape=train_set.input_shape)
-    cfg = train.TrainConfig(epochs=args.teacher_epochs, batch_size=64, lr=0.05, progress=False)
+    cfg = train.TrainConfig(epochs=args.teacher_epochs, batch_size=64, lr=0.05, progress=not args.quiet)
+    if not args.quiet:
+        print(f"training the original network (lenet-3c1l, 1.0x) for {args.teacher_epochs} epochs, the teacher")
     train.fit(teacher, train_set, cfg, out=out / "teacher", resume=False)
     original = train.evaluate(teacher, test_set)["top1"]
     print(f"original network (lenet-3c1l, 1.0x): test accuracy {100 * original:.2f} %")

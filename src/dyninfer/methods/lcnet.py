@@ -21,20 +21,23 @@ Two paths compute this:
   convolutions, skipped blocks not run, zero-saliency channels sliced out of conv1's outputs and
   conv2's inputs. Batches are handled by one of :data:`STRATEGIES`.
 
-Modes (what differs is only the schedule of the control nets at inference; both modes share
-weights, training and accuracy):
+Modes, the paper's two configurations (what differs is only what runs at inference; both
+modes share weights, training and accuracy):
 
-* ``"parallel"``: L-Net and C-Net run alongside as one fused FC (1 + C outputs) on the pooled
-  input, for every block -- one matmul, no dependency; gate cost ``in * (1 + C)`` MACs per block,
-  paid even when the block is then skipped.
-* ``"sequential"``: the L-Net runs first; the C-Net runs only if S_L > 0. Gate cost
-  ``in + [S_L > 0] * in * C`` MACs per block, one extra dependent step for kept blocks.
+* ``"parallel"``: L-Net and C-Net run beside the block's first convolution, as one fused FC
+  (1 + C outputs) on the pooled input. Nothing waits for the gates, so conv1 is computed in full
+  for every input, skipped blocks included; the decisions save conv2's work only (its input
+  channels that are off, or all of it when the block is skipped; a bottleneck's conv3 too). Gate
+  cost ``in * (1 + C)`` MACs per block.
+* ``"sequential"``: the gates run first and the block waits for them: the L-Net, then, only if
+  S_L > 0, the C-Net. A skipped block runs no convolution, and conv1 computes only the active
+  channels. Gate cost ``in + [S_L > 0] * in * C`` MACs per block, one extra dependent step.
 
-(This is our reading of the paper's sequential configuration: the C-Net placed after the L-Net
-and executed only for blocks the L-Net keeps, reading the same pooled input.)
+(The paper, Sec. 4, reports 0.19 vs 0.06 GFLOPs for the two. Placing the C-Net after the L-Net
+and running it only for blocks the L-Net keeps is our reading of the sequential configuration.)
 
 A kept block whose channels are all off has F = a constant (conv2's folded bias; for a
-bottleneck, conv3 of its ReLU), precomputed once: 0 MACs.
+bottleneck, conv3 of its ReLU), precomputed once: no MACs beyond (in parallel mode) conv1.
 
 Per-input cost (:meth:`LCNet.instance_macs`) counts what the runtime executes for that input;
 it equals ``dyninfer.cost.macs(runtime.sliced(x), shape)`` (the static network executed for x).
@@ -229,15 +232,17 @@ def wrap(model: nn.Module, mode: str = "parallel", slope: float = DEFAULT_SLOPE,
 class MacTable:
     """MACs of one input as a function of its decisions (from ``dyninfer.cost.layer_table``).
 
-    Block i kept with c >= 1 active channels costs ``fixed[i] + per_channel[i] * c`` (conv1's
-    sliced outputs and conv2's sliced inputs are linear in c; a bottleneck's conv3 is fixed);
-    with c = 0 the branch is a precomputed constant and costs 0. ``shortcut[i]`` (projection
-    convs) is always paid; ``base`` is stem + classifier.
+    Per active channel of block i, conv1 costs ``conv1_per_channel[i]`` (its outputs) and conv2
+    ``conv2_per_channel[i]`` (its inputs); a bottleneck's conv3 costs ``fixed[i]`` once any
+    channel is active; with none, the branch is a precomputed constant. ``shortcut[i]``
+    (projection convs) is always paid; ``base`` is stem + classifier. Sequential mode pays conv1
+    for active channels of kept blocks only; parallel mode pays all of conv1 in every block.
     """
 
     base: int
     fixed: tuple[int, ...]
-    per_channel: tuple[int, ...]
+    conv1_per_channel: tuple[int, ...]
+    conv2_per_channel: tuple[int, ...]
     shortcut: tuple[int, ...]
     in_features: tuple[int, ...]
     channels: tuple[int, ...]
@@ -250,19 +255,20 @@ class MacTable:
         for r in rows:
             by_name[r["name"]] = by_name.get(r["name"], 0) + r["macs"]
         total = sum(by_name.values())
-        fixed, per_channel, shortcut = [], [], []
+        fixed, conv1, conv2, shortcut = [], [], [], []
         used = 0
         for name, b in _blocks(net.backbone):
             c = b.conv1.out_channels
-            varying = by_name[f"{name}.conv1"] + by_name[f"{name}.conv2"]
-            if varying % c:
-                raise AssertionError(f"{name}: conv MACs {varying} are not linear in {c} channels")
-            per_channel.append(varying // c)
+            for layer, column in (("conv1", conv1), ("conv2", conv2)):
+                macs = by_name[f"{name}.{layer}"]
+                if macs % c:
+                    raise AssertionError(f"{name}.{layer}: MACs {macs} are not linear in {c} channels")
+                column.append(macs // c)
             fixed.append(by_name.get(f"{name}.conv3", 0))
             shortcut.append(by_name.get(f"{name}.shortcut.0", 0))
-            used += varying + fixed[-1] + shortcut[-1]
+            used += (conv1[-1] + conv2[-1]) * c + fixed[-1] + shortcut[-1]
         blocks = net.blocks
-        return cls(total - used, tuple(fixed), tuple(per_channel), tuple(shortcut),
+        return cls(total - used, tuple(fixed), tuple(conv1), tuple(conv2), tuple(shortcut),
                    tuple(_in_channels(b) for b in blocks), tuple(b.conv1.out_channels for b in blocks), total)
 
     def gate_macs(self, i: int, kept: Tensor, mode: str) -> Tensor:
@@ -276,20 +282,64 @@ class MacTable:
         """Per-input MACs (int64 (N,)) from inference saliencies [(S_L, S_C) per block]."""
         if len(saliencies) != len(self.channels):
             raise ValueError(f"expected saliencies for {len(self.channels)} blocks, got {len(saliencies)}")
+        parallel = _check_mode(mode) == "parallel"
         n = saliencies[0][0].shape[0]
         total = torch.full((n,), self.base, dtype=torch.int64)
         for i, (s_l, s_c) in enumerate(saliencies):
             kept = (s_l > 0).cpu()
-            active = (s_c > 0).sum(1).cpu().to(torch.int64)
-            branch = torch.where(kept & (active > 0), self.fixed[i] + self.per_channel[i] * active, 0)
+            active = torch.where(kept, (s_c > 0).sum(1).cpu().to(torch.int64), 0)
+            if parallel:  # conv1 in full beside the gates; the decisions save conv2 (and conv3)
+                conv1 = self.conv1_per_channel[i] * self.channels[i]
+                branch = torch.where(active > 0, self.fixed[i] + self.conv2_per_channel[i] * active, 0) + conv1
+            else:
+                per_channel = self.conv1_per_channel[i] + self.conv2_per_channel[i]
+                branch = torch.where(active > 0, self.fixed[i] + per_channel * active, 0)
             total += self.shortcut[i] + self.gate_macs(i, kept, mode) + branch
+        return total
+
+    def batch_macs(self, saliencies: Sequence[tuple[Tensor, Tensor]], mode: str, strategy: str = "group") -> int:
+        """MACs the runtime executes for one batch with these saliencies under ``strategy``.
+
+        "group" runs each input's own decision (the sum of :meth:`instance_macs`); "union" runs
+        every input with the union of the kept inputs' channels; "split" runs the kept inputs
+        with their union; "dense" computes every block and channel (all gates included).
+        Shortcuts, parallel mode's conv1 and the gates run for the whole batch.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        parallel = _check_mode(mode) == "parallel"
+        n = saliencies[0][0].shape[0]
+        total = n * self.base
+        for i, (s_l, s_c) in enumerate(saliencies):
+            kept = (s_l > 0).cpu()
+            active = (s_c > 0).cpu() & kept[:, None]
+            c, c1 = self.channels[i], self.conv1_per_channel[i]
+            per = self.conv2_per_channel[i] + (0 if parallel else c1)
+
+            def branch(inputs: int, channels: int) -> int:
+                return inputs * (self.fixed[i] + per * channels) if channels else 0
+
+            total += n * self.shortcut[i] + (n * c1 * c if parallel else 0)
+            if strategy == "dense":
+                total += n * self.in_features[i] * (1 + c) + branch(n, c)
+                continue
+            total += int(self.gate_macs(i, kept, mode).sum())
+            if not kept.any():
+                continue
+            if strategy == "union":
+                total += branch(n, int(active.any(0).sum()))
+            elif strategy == "split":
+                total += branch(int(kept.sum()), int(active[kept].any(0).sum()))
+            else:
+                total += sum(branch(1, int(k)) for k in active[kept].sum(1))
         return total
 
     def full_macs(self, mode: str = "parallel") -> int:
         """Every block and channel on, gates included: the most one input can cost."""
         ones = torch.ones(1, dtype=torch.bool)
         return self.base + sum(int(self.gate_macs(i, ones, mode)) + self.shortcut[i] + self.fixed[i]
-                               + self.per_channel[i] * self.channels[i] for i in range(len(self.channels)))
+                               + (self.conv1_per_channel[i] + self.conv2_per_channel[i]) * self.channels[i]
+                               for i in range(len(self.channels)))
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -452,6 +502,7 @@ class LCRuntime:
         return True, idx, [min(z_c[j], 1.0) for j in idx], min(z_l, 1.0)
 
     def _block_one(self, i: int, plan: _BlockPlan, h: Tensor) -> Tensor:
+        full = plan.conv1(h).relu_() if self.mode == "parallel" else None  # beside the gates
         kept, idx, s_c, s_l = self._decide_one(plan, h.mean((2, 3)))
         sc = h if plan.shortcut is None else plan.shortcut(h)
         if not kept:  # out = relu(shortcut(h)); h is a ReLU output, so the identity needs no ReLU
@@ -460,7 +511,7 @@ class LCRuntime:
             r = plan.const.view(1, -1, 1, 1)
         else:
             w1, b1, w2 = self._weights(i, plan, idx)
-            t = plan.conv1(h, w1, b1).relu_()
+            t = plan.conv1(h, w1, b1).relu_() if full is None else _channels(full, idx)
             if min(s_c) < 1.0:
                 t.mul_(torch.tensor(s_c, dtype=t.dtype, device=t.device).view(1, -1, 1, 1))
             r = plan.conv2(t, w2) if plan.conv3 is None else plan.conv3(plan.conv2(t, w2).relu_())
@@ -490,15 +541,21 @@ class LCRuntime:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _residual(self, i: int, plan: _BlockPlan, h: Tensor, idx: Tensor | None, s: Tensor, out_shape) -> Tensor:
-        """The branch F for inputs ``h`` using channels ``idx`` (None: all) scaled by ``s``."""
+    def _residual(self, i: int, plan: _BlockPlan, h: Tensor, idx: Tensor | None, s: Tensor, out_shape,
+                  full: Tensor | None = None) -> Tensor:
+        """The branch F for inputs ``h`` using channels ``idx`` (None: all) scaled by ``s``;
+        ``full`` is conv1's output for all channels when it was computed already (parallel)."""
         if idx is not None and idx.numel() == 0:
             return plan.const.view(1, -1, 1, 1).expand(h.shape[0], *out_shape[1:]).clone()
         if idx is None:
             w1, b1, w2 = plan.conv1.weight, plan.conv1.bias, plan.conv2.weight
         else:
             w1, b1, w2 = self._weights(i, plan, idx.tolist())
-        t = plan.conv1(h, w1, b1).relu_().mul_(s[:, :, None, None])
+        if full is None:
+            t = plan.conv1(h, w1, b1).relu_()
+        else:
+            t = full if idx is None else full.index_select(1, idx)
+        t = t.mul_(s[:, :, None, None])  # t is this call's own tensor (``full`` is not read again)
         if plan.conv3 is None:
             return plan.conv2(t, w2)
         return plan.conv3(plan.conv2(t, w2).relu_())
@@ -515,10 +572,11 @@ class LCRuntime:
             s_l, s_c = g[:, 0], g[:, 1:]
         else:
             s_l, s_c = F.linear(p, plan.wl, plan.bl).clamp_(0, 1)[:, 0], None
+        full = plan.conv1(h).relu_() if self.mode == "parallel" else None  # beside the gates
         sc = h if plan.shortcut is None else plan.shortcut(h)
         if strategy == "dense":
             s_c = F.linear(p, plan.wc, plan.bc).clamp_(0, 1) if s_c is None else s_c
-            return self._combine(self._residual(i, plan, h, None, s_c, sc.shape), s_l, sc)
+            return self._combine(self._residual(i, plan, h, None, s_c, sc.shape, full), s_l, sc)
         keep = s_l > 0
         kept = keep.nonzero().flatten()
         if kept.numel() == 0:
@@ -529,7 +587,7 @@ class LCRuntime:
         active = (s_c > 0) & keep[:, None]
         if strategy == "union":
             idx = active.any(0).nonzero().flatten()
-            return self._combine(self._residual(i, plan, h, idx, s_c[:, idx], sc.shape), s_l, sc)
+            return self._combine(self._residual(i, plan, h, idx, s_c[:, idx], sc.shape, full), s_l, sc)
         if strategy == "split":
             groups = [(kept, active.index_select(0, kept).any(0).nonzero().flatten())]
         else:  # group: one pass per distinct decision
@@ -537,12 +595,13 @@ class LCRuntime:
             groups = [(kept[inverse == u], keys[u].nonzero().flatten()) for u in range(keys.shape[0])]
         if len(groups) == 1 and groups[0][0].numel() == n:
             idx = groups[0][1]
-            return self._combine(self._residual(i, plan, h, idx, s_c[:, idx], sc.shape), s_l, sc)
+            return self._combine(self._residual(i, plan, h, idx, s_c[:, idx], sc.shape, full), s_l, sc)
         out = h.clone() if plan.shortcut is None else sc.relu()
         for members, idx in groups:
             hm, scm = h.index_select(0, members), sc.index_select(0, members)
             s = s_c.index_select(0, members).index_select(1, idx)
-            r = self._residual(i, plan, hm, idx, s, scm.shape)
+            fm = None if full is None else full.index_select(0, members)
+            r = self._residual(i, plan, hm, idx, s, scm.shape, fm)
             out.index_copy_(0, members, self._combine(r, s_l.index_select(0, members), scm))
         return out
 
@@ -552,6 +611,13 @@ class LCRuntime:
         t = plan.conv1(h).relu_()
         r = plan.conv2(t) if plan.conv3 is None else plan.conv3(plan.conv2(t).relu_())
         return r.add_(sc).relu_()
+
+
+def _channels(t: Tensor, idx: list[int]) -> Tensor:
+    """Channels ``idx`` of ``t`` (N, C, H, W): a view when they are all of them."""
+    if len(idx) == t.shape[1]:
+        return t
+    return t.index_select(1, torch.tensor(idx, dtype=torch.int64, device=t.device))
 
 
 def compile_static(model: nn.Module, channels_last: bool = False) -> LCRuntime:
@@ -594,9 +660,12 @@ class _SlicedBlock(nn.Module):
         self.register_buffer("idx", idx if idx is not None else torch.zeros(0, dtype=torch.int64))
         self.register_buffer("const", plan.const.clone())
         self.conv1 = self.conv2 = self.conv3 = None
+        c1, c2 = plan.conv1, plan.conv2
+        if mode == "parallel":  # conv1 runs in full beside the gates, whatever they decide
+            self.conv1 = _conv_module(c1, c1.weight, c1.bias)
         if self.kept and idx.numel():
-            c1, c2 = plan.conv1, plan.conv2
-            self.conv1 = _conv_module(c1, c1.weight[idx], c1.bias[idx])
+            if mode != "parallel":
+                self.conv1 = _conv_module(c1, c1.weight[idx], c1.bias[idx])
             self.conv2 = _conv_module(c2, c2.weight[:, idx], c2.bias)
             if plan.conv3 is not None:
                 self.conv3 = _conv_module(plan.conv3, plan.conv3.weight, plan.conv3.bias)
@@ -609,13 +678,15 @@ class _SlicedBlock(nn.Module):
         else:
             s_l = relu1(self.lnet(p))[:, 0]
             s_c = relu1(self.cnet(p)) if self.kept else None
+        full = F.relu(self.conv1(h)) if self.mode == "parallel" else None
         sc = h if self.shortcut is None else self.shortcut(h)
         if not self.kept:
             return sc if self.shortcut is None else F.relu(sc)
-        if self.conv1 is None:
+        if self.conv2 is None:
             r = self.const.view(1, -1, 1, 1).expand_as(sc)
         else:
-            t = F.relu(self.conv1(h)) * s_c[:, self.idx, None, None]
+            t = full[:, self.idx] if full is not None else F.relu(self.conv1(h))
+            t = t * s_c[:, self.idx, None, None]
             r = self.conv2(t) if self.conv3 is None else self.conv3(F.relu(self.conv2(t)))
         return F.relu(r * s_l[:, None, None, None] + sc)
 
