@@ -692,6 +692,52 @@ def test_eval_forward_runs_the_compacted_form_and_follows_weight_changes():
     assert net(x, subnet=1).requires_grad  # training mode: the masked form, gradients reach the weights
 
 
+def test_scratch_execution_by_the_chain_of_steps_is_counted_and_chosen_by_measurement(tmp_path, monkeypatch):
+    """A subnet run from scratch as its chain of step blocks executes (FlopCounterMode) exactly
+    what macs(path="scratch") then reports, answers like the masked form, survives save/load; and
+    choose_scratch keeps, per subnet, the execution its measurements found faster."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dyninfer.methods import stepping
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=6, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False)
+    net = construct(model, data, [0.3, 0.6, 0.9], cfg, reference_macs=full)
+    x = data.batches(8).__next__()[0]
+    rectangles = net.macs(path="scratch")
+    net.scratch_execution = ["rectangle", "chain", "chain"]
+    scratch = net.macs(path="scratch")
+    steps = net.compact().executed_step_macs()
+    assert scratch == [rectangles[0], sum(steps[:2]), sum(steps[:3])]  # the chain costs its step blocks
+    assert scratch[2] < rectangles[2]  # the triangle skips the zero upper blocks
+    net(x[:1])  # build the compacted form outside the count
+    for k in range(1, 4):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            out = net(x[:1], subnet=k)
+        assert counter.get_total_flops() // 2 == scratch[k - 1], k
+        torch.testing.assert_close(out, net.net(x[:1], subnet=k), atol=1e-5, rtol=1e-5)
+    from dyninfer import models
+    from dyninfer.nn.tagged import TaggedNet
+
+    zoo = TaggedNet(models.create("lenet-5", num_classes=10, input_shape=(1, 8, 8)), 3, (1, 8, 8))
+    stepping.SteppingNet(zoo, [0.3, 0.6, 0.9], 1000, scratch_execution=["chain", "rectangle", "chain"]).save(
+        tmp_path / "net")
+    assert stepping.SteppingNet.load(tmp_path / "net").scratch_execution == ["chain", "rectangle", "chain"]
+    with pytest.raises(ValueError, match="scratch_execution must name one of"):
+        stepping.SteppingNet(net.net, net.budgets, net.reference_macs, scratch_execution=["dense", "chain", "chain"])
+
+    def fake_setting(cnet, batch, threads, repeats):  # rectangles 1.0 ms each; steps 0.2, 0.5, 0.9 ms
+        compact = [{"compact": {"best": {"median_ms": 1.0}}} for _ in range(3)]
+        return {"scratch": compact, "path": {"steps": [{"median_ms": t} for t in (0.2, 0.5, 0.9)]}}
+
+    monkeypatch.setattr(stepping, "bench_setting", fake_setting)
+    rows = net.choose_scratch(batch=4)
+    assert [r["chain_ms"] for r in rows] == pytest.approx([0.2, 0.7, 1.6])
+    assert net.scratch_execution == ["rectangle", "chain", "rectangle"]
+
+
 def test_dropping_idle_channels_keeps_min_channels_in_subnet_1():
     """A group whose subnet-1 channels are all dead keeps min_channels of them: subnet 1 must run."""
     from dyninfer.methods.stepping import drop_idle

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dyninfer import checkpoint as ckpt
 from dyninfer import progress
+from dyninfer.checks import check_path, check_subnet
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import (
@@ -35,6 +36,7 @@ from dyninfer.methods.budget import (
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, check_expansion, register_method
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
+from dyninfer.runtime.bench import bench_setting
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
 from dyninfer.train import FrozenTeacher, derive_seed, kd_loss as shared_kd_loss
@@ -593,17 +595,29 @@ def _trial_move(net: TaggedNet, group: int, channels: list[int], tag: int):
 
 
 # ---------------------------------------------------------------------------- the face
+# How one from-scratch execution of a subnet runs: one pass of dense prefix rectangles (a causal
+# net's zero upper blocks multiplied), or the chain of step blocks 1..k (the triangle, one op per
+# block). SteppingNet.choose_scratch measures which is faster here.
+SCRATCH_EXECUTIONS = ("rectangle", "chain")
+
+
 class SteppingNet(TaggedSubnets, nn.Module):
     """Nested subnets with incremental accuracy; subnet k+1 reuses all of subnet k's results."""
 
     def __init__(self, net: TaggedNet, budgets: Sequence[float], reference_macs: int,
-                 config: SteppingConfig | None = None, history: dict | None = None):
+                 config: SteppingConfig | None = None, history: dict | None = None,
+                 scratch_execution: Sequence[str] | None = None):
         super().__init__()
         self.net = net
         self.budgets = check_budgets(budgets, net.num_subnets)
         self.reference_macs = int(reference_macs)
         self.config = config or SteppingConfig()
         self.history = history or {}
+        self.scratch_execution = list(scratch_execution or [SCRATCH_EXECUTIONS[0]] * net.num_subnets)
+        bad = [e for e in self.scratch_execution if e not in SCRATCH_EXECUTIONS]
+        if bad or len(self.scratch_execution) != net.num_subnets:
+            raise ValueError(f"scratch_execution must name one of {SCRATCH_EXECUTIONS} per subnet "
+                             f"({net.num_subnets}), got {list(scratch_execution)}")
 
     def forward(self, x: torch.Tensor, subnet: int | None = None) -> torch.Tensor:
         """Subnet ``subnet`` (default: the largest) from scratch.
@@ -612,7 +626,9 @@ class SteppingNet(TaggedSubnets, nn.Module):
         gradients reach the weights. In eval mode the compacted inference form (cached, rebuilt
         when weights, tags or statistics change): the dense rectangles ``dy.export.subnet`` runs
         and ``mac_fractions(path="scratch")`` counts, so what is reported is what runs. Its weights
-        are BatchNorm-folded copies: in eval mode no gradient reaches the parameters. The compacted
+        are BatchNorm-folded copies: in eval mode no gradient reaches the parameters. A subnet that
+        :meth:`choose_scratch` found faster as its chain of step blocks runs as that chain (and
+        ``macs(path="scratch")`` counts the chain); the dense export stays one rectangle pass. The compacted
         form runs on CPU; a net on another device, or one compaction cannot fold (BatchNorm without
         running statistics), runs the masked form in eval mode too.
         """
@@ -622,7 +638,46 @@ class SteppingNet(TaggedSubnets, nn.Module):
             compacted = self.compact()
         except ValueError:
             return self.net(x, subnet)
-        return compacted(x, subnet)
+        k = check_subnet(self.num_subnets if subnet is None else subnet, self.num_subnets)
+        if self.scratch_execution[k - 1] == "chain":
+            session = Session(compacted, x, 1)
+            for _ in range(k - 1):
+                session.step()
+            return session.logits
+        return compacted(x, k)
+
+    def macs(self, path: str = "incremental") -> list[int]:
+        """MACs of each subnet along ``path`` (see :meth:`TaggedSubnets.macs`). ``"scratch"``
+        counts the execution :attr:`scratch_execution` names for each subnet: the dense
+        rectangles, or the chain of step blocks (the causal triangle, pruned weights included,
+        since the dense step blocks multiply them as zeros)."""
+        if check_path(path) == "incremental" or set(self.scratch_execution) == {"rectangle"}:
+            return super().macs(path)
+        rectangles = super().macs("scratch")
+        unpruned = copy.deepcopy(self.net)
+        for i in range(unpruned.num_hidden + 1):
+            unpruned.alive(i).fill_(True)
+        chains = unpruned.macs_per_subnet()
+        return [c if e == "chain" else r for e, r, c in zip(self.scratch_execution, rectangles, chains)]
+
+    def choose_scratch(self, batch: int = 1, threads: int | None = None, repeats: int = 20) -> list[dict]:
+        """Measure, on this machine, each subnet from scratch as one pass of dense rectangles and
+        as its chain of step blocks (a session from subnet 1), and keep the faster for
+        ``forward(x, subnet=k)`` in eval mode and for ``macs(path="scratch")``.
+
+        One setting (``batch``, ``threads``) is measured: what is faster can change with them.
+        Returns, per subnet, both medians (ms) and the choice; :meth:`save` keeps the choice.
+        """
+        setting = bench_setting(self.compact(), batch, threads or torch.get_num_threads(), repeats=repeats)
+        steps = [s["median_ms"] for s in setting["path"]["steps"]]
+        rows = []
+        for k in range(1, self.num_subnets + 1):
+            rectangle = setting["scratch"][k - 1]["compact"]["best"]["median_ms"]
+            chain = sum(steps[:k])  # k = 1: both are the same pass; keep the rectangle
+            rows.append({"subnet": k, "rectangle_ms": rectangle, "chain_ms": chain,
+                         "chosen": "chain" if k > 1 and chain < rectangle else "rectangle"})
+        self.scratch_execution = [r["chosen"] for r in rows]
+        return rows
 
     def start(self, x: torch.Tensor, subnet: int = 1):
         """Incremental session at ``subnet``; ``.step()`` computes only the next subnet's neurons."""
@@ -711,14 +766,16 @@ class SteppingNet(TaggedSubnets, nn.Module):
     # -------------------------------------------------------------- persistence
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """safetensors (weights, tags, masks) + JSON (budgets, config, model, history)."""
-        self._save_tagged(path, "stepping", {"config": asdict(self.config), "history": self.history, **(extra or {})})
+        self._save_tagged(path, "stepping", {"config": asdict(self.config), "history": self.history,
+                                             "scratch_execution": self.scratch_execution, **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "SteppingNet":
         net, meta = load_tagged(path, "stepping")
         # a net saved before a field existed was built the way dyninfer worked then
         config = SteppingConfig(**{**BEFORE_FIELDS, **meta["config"]})
-        return cls(net, meta["budgets"], meta["reference_macs"], config, meta.get("history"))
+        return cls(net, meta["budgets"], meta["reference_macs"], config, meta.get("history"),
+                   meta.get("scratch_execution"))
 
 
 # ---------------------------------------------------------------------------- construction

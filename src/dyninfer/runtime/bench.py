@@ -9,7 +9,9 @@ For each (batch, threads) setting, all configurations are timed interleaved (tim
 
 Each is reported in its faster layout (by median), beside the MAC ratios, with three ratios:
 subnet k / largest subnet (vs its MAC ratio), compacted / plain module, and the stepping path /
-the fastest from-scratch largest subnet.
+the fastest from-scratch largest subnet; and, per subnet, which from-scratch execution was faster
+here: one pass of dense rectangles, or the chain of step blocks 1..k (the triangle; what
+:meth:`SteppingNet.choose_scratch` keeps).
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def bench_setting(net, batch: int, threads: int, *, repeats: int = 20, warmup: i
             sum(s["median_ms"] for s in path["steps"][:k]) / scratch[k - 1]["compact"]["best"]["median_ms"]
             for k in range(1, n + 1)],
     }
+    # what SteppingNet.choose_scratch keeps: the chain of steps where it beat the rectangles (k >= 2)
+    ratios["faster_from_scratch"] = ["chain" if k > 0 and r < 1 else "rectangle"
+                                     for k, r in enumerate(ratios["steps_to_k_over_scratch_k"])]
     return {"batch": batch, "threads": threads, "repeats": repeats, "warmup": warmup,
             "scratch": scratch, "path": path, "ratios": ratios}
 
@@ -150,10 +155,10 @@ def markdown(result: dict, title: str = "Runtime benchmark", level: int = 1, mac
                          f"{r['compact_over_plain'][k]:.2f}", f"{r['subnet_over_largest'][k]:.3f}",
                          f"{r['mac_ratio'][k]:.3f}",
                          f"{st['median_ms']:.3f} ({st['min_ms']:.3f}-{st['max_ms']:.3f})",
-                         f"{r['steps_to_k_over_scratch_k'][k]:.2f}"])
+                         f"{r['steps_to_k_over_scratch_k'][k]:.2f}", r["faster_from_scratch"][k]])
         lines.append(markdown_table(
             ["subnet", "compacted ms", "plain module ms", "compacted/plain", "latency/largest", "MACs/largest",
-             "step ms (k=1: start)", "path to k / scratch k"], rows))
+             "step ms (k=1: start)", "path to k / scratch k", "faster from scratch"], rows))
         t = s["path"]["total"]
         lines += ["", f"Whole stepping path 1..{n} ({s['path']['layout']}): {t['median_ms']:.3f} ms "
                       f"({t['min_ms']:.3f}-{t['max_ms']:.3f}) = {r['path_over_fastest_largest']:.2f} x the fastest "
