@@ -111,7 +111,8 @@ def cmd_construct(args: argparse.Namespace) -> int:
                          checkpoints=out, resume=not args.no_resume)
     net.save(out / "stepping", extra={"original_accuracy": original})
     accuracies = net.evaluate(test_set)
-    table, data = report.subnet_table(accuracies, net.mac_fractions(), original, net.budgets)
+    table, data = report.subnet_table(accuracies, net.mac_fractions(), original, net.budgets,
+                                      net.mac_fractions(path="scratch"))
     runs.write_meta(out, {
         "kind": "stepping", "model": args.model, "data": args.data, "data_root": args.data_root,
         "expansion": expansion, "teacher": args.teacher, "original_accuracy": original,
@@ -168,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if meta["kind"] == "stepping":
         net = SteppingNet.load(run / "stepping")
         accuracies = net.evaluate(test_set)
-        table, data = report.subnet_table(accuracies, net.mac_fractions(), meta.get("original_accuracy"), net.budgets)
+        table, data = report.subnet_table(accuracies, net.mac_fractions(), meta.get("original_accuracy"), net.budgets,
+                                          net.mac_fractions(path="scratch"))
         report.write(run, "table", table, {**data, "machine": report.machine()})
         print(table)
         if args.json:
@@ -219,7 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runs.write_meta(out, {"kind": "stepping", "model": "lenet-3c1l", "data": "digits", "data_root": None,
                                     "expansion": 1.8, "original_accuracy": original, "command": "dyninfer demo"})
     accuracies = net.evaluate(test_set)
-    table, data = report.subnet_table(accuracies, net.mac_fractions(), original, budgets)
+    table, data = report.subnet_table(accuracies, net.mac_fractions(), original, budgets,
+                                      net.mac_fractions(path="scratch"))
     report.write(out, "table", table, {**data, "machine": report.machine()})
     print("\nSteppingNet on digits (Table I layout; MACs relative to the original network):\n" + table)
 

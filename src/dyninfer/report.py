@@ -36,16 +36,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def subnet_table(accuracies: Sequence[float], fractions: Sequence[float], original: float | None = None,
-                 budgets: Sequence[float] | None = None) -> tuple[str, dict]:
-    """Table-I style: original accuracy, then A_k and M_k/M_t for each subnet (percent)."""
+                 budgets: Sequence[float] | None = None,
+                 scratch: Sequence[float] | None = None) -> tuple[str, dict]:
+    """Table-I style: original accuracy, then A_k and M_k/M_t for each subnet (percent).
+
+    ``fractions`` are the MACs of the incremental path (what stepping to subnet k executes, live
+    weights); ``scratch``, when given, the MACs one from-scratch execution of subnet k multiplies.
+    """
     headers = ["", "original"] + [f"subnet {k}" for k in range(1, len(accuracies) + 1)]
     acc_row = ["accuracy A_k (%)", "-" if original is None else f"{100 * original:.2f}"]
     acc_row += [f"{100 * a:.2f}" for a in accuracies]
     mac_row = ["MACs M_k/M_t (%)", "100.00"] + [f"{100 * f:.2f}" for f in fractions]
     rows = [acc_row, mac_row]
+    if scratch is not None:
+        rows.append(["MACs from scratch (%)", "100.00"] + [f"{100 * f:.2f}" for f in scratch])
     if budgets is not None:
         rows.append(["budget (%)", "-"] + [f"{100 * b:.2f}" for b in budgets])
     data = {"original_accuracy": original, "accuracy": list(accuracies), "mac_fraction": list(fractions),
+            "scratch_mac_fraction": None if scratch is None else list(scratch),
             "budgets": None if budgets is None else list(budgets)}
     return markdown_table(headers, rows), data
 

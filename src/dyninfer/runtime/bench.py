@@ -105,9 +105,10 @@ def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] 
 
     batches, threads = _check_list("batches", batches), _check_list("threads", threads)
     cnet = as_compact(net)
-    fractions = None
+    fractions = scratch = None
     if hasattr(net, "mac_fractions"):
         fractions = [float(f) for f in net.mac_fractions()]
+        scratch = [int(m) for m in net.macs(path="scratch")]
     settings = []
     for t in threads:
         for b in batches:
@@ -117,6 +118,7 @@ def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] 
     return {
         "machine": machine(),
         "net": {"num_subnets": cnet.num_subnets, "input_shape": list(cnet.input_shape), "macs": cnet.macs(),
+                "scratch_macs": scratch,
                 "mac_fraction_of_original": fractions, "block_density": cnet.block_density(),
                 "channels_per_step": (cnet.channels_per_step() if hasattr(cnet, "channels_per_step") else
                                       [[b - a for a, b in zip(layer.bounds, layer.bounds[1:])]
@@ -137,8 +139,10 @@ def markdown(result: dict, title: str = "Runtime benchmark", level: int = 1, mac
     if machine:
         lines += [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, "
                   f"python {m.get('python')}", ""]
-    lines += [f"Subnets: {net['num_subnets']}, input {tuple(net['input_shape'])}; MACs per sample: "
-              + ", ".join(f"{v:,}" for v in net["macs"]),
+    lines += [f"Subnets: {net['num_subnets']}, input {tuple(net['input_shape'])}; MACs per sample on the "
+              "incremental path (live weights): " + ", ".join(f"{v:,}" for v in net["macs"])
+              + ("" if not net.get("scratch_macs") else "; from scratch (what the compacted subnet k executes): "
+                 + ", ".join(f"{v:,}" for v in net["scratch_macs"])) + ".",
               f"Block density (non-zero weights in stored blocks, per layer): "
               + ", ".join(f"{d:.3f}" for d in net["block_density"]) + f" ({net['note']}).", ""]
     for s in result["settings"]:
