@@ -39,6 +39,9 @@ VARIANTS = {
     "ours-weighted-sum": {"importance_of": "weighted_sum"},    # Eq. 2's letter: r scales w.x, not the bias
     "ours-g4": {"granularity": 4},
     "ours-promote": {"promote": True},                          # + channels promoted to the subnet they serve
+    # every increment keeps ceil(fc_floor x width / N) neurons of each fully connected layer
+    "ours-fc-floor": {"fc_floor": 0.5},
+    "ours-fc-floor-1": {"fc_floor": 1.0},
     # Fig. 7: the expansion ratio of the network construction starts from (LeNet-5's default is 2.0)
     "x1.0": {"expansion": 1.0},
     "x1.4": {"expansion": 1.4},

@@ -209,6 +209,36 @@ def test_move_keeps_min_channels():
     assert [int((net.tags(i) == 1).sum()) for i in range(net.num_hidden)] == [2, 2, 2]
 
 
+def test_increments_keep_their_floor_of_fully_connected_neurons():
+    """With floors (fc_floor), neither the moves nor the fill-back empty an increment's fully
+    connected layer, even where those neurons are the least important; without, they do."""
+    from dyninfer.methods.stepping import fill_back, increment_floors
+
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    floors = increment_floors(net, 0.5)
+    assert floors == [0, 0, 2]  # conv groups: none; fc1 (12 neurons, 3 subnets): ceil(0.5 x 12 / 3)
+    for g in range(net.num_groups):  # tag 2 holds every channel
+        net.set_tags(g, torch.arange(net.group_widths[g]), 2)
+    scores = [torch.rand(net.group_widths[g]) + (0 if g == 2 else 10) for g in range(net.num_groups)]
+    unfloored = copy.deepcopy(net)
+    move_neurons(net, scores, subnet=2, amount=float("inf"), floors=floors)
+    move_neurons(unfloored, scores, subnet=2, amount=float("inf"))
+    assert int((net.tags(2) == 2).sum()) == floors[2]  # every other fc neuron moved on, the floor stayed
+    assert int((unfloored.tags(2) == 2).sum()) == 1  # min_channels only: the fc layer is nearly empty
+
+    # fill-back into subnet 1 under an unlimited budget: it may not take tag 2's last fc neurons
+    for g in range(net.num_groups):
+        net.set_tags(g, torch.arange(net.group_widths[g]), 2)
+    net.set_tags(0, torch.tensor([0]), 1)  # subnet 1 must have a channel in every group to run
+    net.set_tags(1, torch.tensor([0]), 1)
+    net.set_tags(2, torch.tensor([0]), 1)
+    refilled = copy.deepcopy(net)
+    fill_back(net, scores, [float("inf")] * 3, floors=floors)
+    fill_back(refilled, scores, [float("inf")] * 3)
+    assert int((net.tags(2) == 2).sum()) == floors[2]
+    assert int((refilled.tags(2) == 2).sum()) < floors[2]
+
+
 def per_subnet_gradients(net, x, y, cfg):
     """Reference: the suppression-weighted sum of separately computed per-subnet gradients."""
     beta = cfg.beta if cfg.suppression else 1.0

@@ -105,6 +105,12 @@ class SteppingConfig:
     # trains it (sum_j beta^(j-i): 3.4x at beta 0.9, N = 4, for tag 1), as dyninfer did before.
     decay_per_subnet: bool = False
     min_channels: int = 1            # every layer keeps this many neurons in subnet 1
+    # Beyond the paper: every subnet's increment keeps at least ceil(fc_floor x width / N) neurons
+    # of each fully connected layer, through the moves and the fill-back. Without it the last
+    # increment of LeNet-5 x2 / CIFAR-10 kept 1 fc1 and 1 fc2 neuron in 6 of 7 runs (fc neurons
+    # are cheap, so the least important ones go first), and its conv channels reached the
+    # logits through one unit. 0 is the paper's rule.
+    fc_floor: float = 0.0
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
@@ -138,6 +144,8 @@ class SteppingConfig:
             raise ValueError(f"alpha_growth must be > 0, got {self.alpha_growth}")
         if self.retrain_epochs < 0:
             raise ValueError(f"retrain_epochs must be >= 0, got {self.retrain_epochs}")
+        if isinstance(self.fc_floor, bool) or not isinstance(self.fc_floor, (int, float)) or not 0 <= self.fc_floor <= 1:
+            raise ValueError(f"fc_floor must be a number in [0, 1], got {self.fc_floor!r}")
 
     def construction_lr(self, step: int, total: int) -> float:
         """Learning rate of construction step ``step`` of ``total`` (a pure function: resumable)."""
@@ -392,9 +400,17 @@ WINDOW = 8  # how far down the importance order the last unit of a round may be 
 MOVE_SHARE = 0.75
 
 
+def increment_floors(net: TaggedNet, share: float) -> list[int]:
+    """Per tag group, the fewest channels each increment (tag 1..N) keeps: ceil(share x width / N)
+    for fully connected groups (every writer has one output position), 0 for convolutions."""
+    n = net.num_subnets
+    return [math.ceil(share * width / n) if share > 0 and all(net.out_positions[i] == 1 for i in net.group_layers(g))
+            else 0 for g, width in enumerate(net.group_widths)]
+
+
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
                  min_channels: int = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
-                 exact: bool = True) -> tuple[int, float]:
+                 exact: bool = True, floors: Sequence[int] | None = None) -> tuple[int, float]:
     """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
     take out of the subnet reach ``amount``. Returns (channels moved, estimated MACs saved).
 
@@ -404,15 +420,20 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
     instead. With ``exact=False`` nothing is taken when stopping short lands closer, and no
     unmeasured channel is taken at all (the rest of the gap waits for the next round). A moved channel loses its synapses into the smaller subnet
     and gains those to its new peers; both follow from the causal mask, and its pruned weights
-    are revived (``set_tags``).
+    are revived (``set_tags``). ``floors`` (per group) is how many channels of its own the
+    subnet's increment keeps (:func:`increment_floors`).
     """
     units = _units(net, scores, subnet, measured, granularity, descending=False)
     kept = [int((net.tags(g) <= subnet).sum()) for g in range(net.num_groups)]
+    own = [int((net.tags(g) == subnet).sum()) for g in range(net.num_groups)]
+    floors = floors or [0] * net.num_groups
     chosen: list[_Unit] = []
     saved = 0.0
     while saved < amount:
-        # every subnet keeps min_channels channels per group: it must stay connected
-        units = [u for u in units if kept[u.group] - len(u.channels) >= min_channels]
+        # every subnet keeps min_channels channels per group: it must stay connected; and its
+        # increment keeps its floor of each fully connected group
+        units = [u for u in units if kept[u.group] - len(u.channels) >= min_channels
+                 and own[u.group] - len(u.channels) >= floors[u.group]]
         if not units:
             break
         pick = units[0]
@@ -427,6 +448,7 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
         units.remove(pick)
         chosen.append(pick)
         kept[pick.group] -= len(pick.channels)
+        own[pick.group] -= len(pick.channels)
         saved += pick.saving
     for unit in chosen:
         net.set_tags(unit.group, torch.tensor(unit.channels), subnet + 1)
@@ -519,7 +541,8 @@ def promote_to_serving(net: TaggedNet) -> int:
 
 
 def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
-              measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4) -> list[int]:
+              measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4,
+              floors: Sequence[int] | None = None) -> list[int]:
     """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
     into it, while every subnet stays within its MAC limit. Returns how many channels each
     subnet re-admitted. Dropped channels are in no subnet, so Eq. 3 cannot score them: they are
@@ -538,9 +561,11 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
     and one fc2 neuron: 25 % of the MACs for no accuracy, 63.14 % at subnets 3 and 4 alike;
     filled upward, tag 4 kept 66 fc1 and 29 fc2 neurons.) ``passes`` sweeps repeat while
     admissions make further ones possible. A subnet stops after ``patience`` undone trials in a
-    row (None: it tries every candidate).
+    row (None: it tries every candidate). No unit is taken out of an increment that would leave
+    it below its ``floors`` (per group, :func:`increment_floors`).
     """
     n = net.num_subnets
+    floors = floors or [0] * net.num_groups
     # MACs per layer per subnet, kept current: a trial re-counts only the layers it touches
     table = [net.layer_macs_per_subnet(i) for i in range(net.num_hidden + 1)]
     reach = net.reachable()
@@ -556,6 +581,10 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
             for unit in units:
                 if patience is not None and misses >= patience:
                     break
+                tags = net.tags(unit.group)
+                source = int(tags[unit.channels[0]])
+                if source <= n and int((tags == source).sum()) - len(unit.channels) < floors[unit.group]:
+                    continue  # the increment it would leave keeps its floor
                 touched = sorted(set(net.group_layers(unit.group)) | set(net.group_readers(unit.group)))
                 undo = _trial_move(net, unit.group, unit.channels, i)
                 rows = {j: net.layer_macs_per_subnet(j) for j in touched}
@@ -787,7 +816,7 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
                        "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet",
-                       "min_channels", "batch_size", "lr", "momentum", "weight_decay", "seed")
+                       "min_channels", "fc_floor", "batch_size", "lr", "momentum", "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
                   "batch_size", "momentum", "weight_decay", "retrain_lr", "seed")
 
@@ -903,7 +932,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     if cfg.promote:
         history["promoted"] = promote_to_serving(net)
     if cfg.fill_back:
-        history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured)
+        history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured,
+                                         floors=increment_floors(net, cfg.fc_floor))
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
     empty = [k + 1 for k in range(1, len(final)) if final[k] == final[k - 1]]
@@ -1001,6 +1031,7 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
     scores, measured = _scores(net, raw, cfg, carried)
     reach = measured if measured is not None else net.reachable()
     n = net.num_subnets
+    floors = increment_floors(net, cfg.fc_floor)
     before = [net.tags(g).clone() for g in range(net.num_groups)]
     moved = []
     for i in range(1, n + 1):
@@ -1013,10 +1044,11 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
             gap = macs[i - 1] - limits[i - 1]
             if cfg.quota == "paper":  # the paper's fixed amount, but no more than the overshoot
                 count, _ = move_neurons(net, scores, i, min(amount, gap), cfg.min_channels, measured=measured,
-                                        granularity=cfg.granularity)
+                                        granularity=cfg.granularity, floors=floors)
             else:  # spread what is over budget over the rounds left; the last round closes it
                 count, _ = move_neurons(net, scores, i, gap / max(1, rounds_left), cfg.min_channels,
-                                        measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1)
+                                        measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1,
+                                        floors=floors)
         moved.append(count)
     dropped = [(before[g] <= n) & (net.tags(g) > n) for g in range(net.num_groups)]
     return {"moved": moved,
@@ -1054,14 +1086,14 @@ class _StepView(ImageSet):
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                  "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True,
-                 "promote": False}
+                 "promote": False, "fc_floor": 0.0}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                "lr_schedule": "constant"}
 # SteppingConfig fields a comparison may set through its options.
 CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "promote", "granularity", "lr_schedule", "importance_of",
                         "normalize_importance", "decay_per_subnet",
-                        "suppression", "alpha_growth", "beta", "gamma", "min_channels")
+                        "suppression", "alpha_growth", "beta", "gamma", "min_channels", "fc_floor")
 
 
 def _check_options(method: str, rules: dict):
@@ -1154,7 +1186,7 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
     net.history.update({"method": method, "expansion": expansion, "batch_size": s.batch_size,
                         "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
                                                                                "lr", "distillation",
-                                                                               *CONSTRUCTION_OPTIONS[:6])},
+                                                                               *CONSTRUCTION_OPTIONS[:6], "fc_floor")},
                         "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
     return net
 
