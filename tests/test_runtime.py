@@ -281,6 +281,39 @@ def test_controller_scales_predictions_by_the_slowdown_it_observes(tagged):
     assert out.subnet >= 2 and out.records[1].predicted_ms == pytest.approx(3.0)
 
 
+class FakeTailModel(FakeModel):
+    def __init__(self, step_ms, tail_ms):
+        super().__init__(step_ms)
+        self.tail_ms = list(tail_ms)
+
+    def next_step_tail_ms(self, subnet):
+        return self.tail_ms[subnet]
+
+
+def test_controller_with_tail_predicts_no_less_than_the_95th_percentile(tagged):
+    cnet = compact(tagged)
+    x = torch.randn(1, *SHAPE)
+    model = FakeTailModel([1.0, 1.0, 1.0], [1.0, 4.0, 4.0])  # median 1 ms, tail 4 ms per step
+    clock = lambda: FakeClock(1.0)  # noqa: E731
+    # 1 ms per reading: after subnet 1, 7 - 2 = 5 ms are left; the median fits twice, the tail once
+    assert predict(cnet, x, deadline_ms=7.0, model=model, clock=clock()).subnet == 3
+    out = predict(cnet, x, deadline_ms=7.0, model=model, clock=clock(), tail=True)
+    assert out.subnet == 2 and out.records[1].predicted_ms == pytest.approx(4.0)
+    # a model without tails (e.g. calibrated by an older dyninfer) falls back to the median
+    assert predict(cnet, x, deadline_ms=7.0, model=FakeModel([1.0, 1.0, 1.0]), clock=clock(), tail=True).subnet == 3
+
+
+def test_calibrated_tails_are_at_least_the_medians(tagged):
+    from dyninfer.runtime.latency import LatencyModel, calibrate, clear_cache
+
+    clear_cache()
+    model = calibrate(compact(tagged), batch=1, repeats=5, warmup=1)
+    assert len(model.step_tail_ms) == N
+    assert all(t >= m for t, m in zip(model.step_tail_ms, model.step_ms))
+    again = LatencyModel.from_dict({k: v for k, v in model.to_dict().items() if k != "step_tail_ms"})
+    assert again.next_step_tail_ms(1) == again.next_step_ms(1)  # an old cache entry: no tails
+
+
 def test_controller_with_random_predictions_only_takes_fitting_steps(tagged):
     cnet = compact(tagged)
     x = torch.randn(1, *SHAPE)

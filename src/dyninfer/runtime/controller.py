@@ -60,11 +60,13 @@ def _macs_of(net, cnet) -> list[int]:
 
 
 def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_macs: int | None = None,
-            model=None, clock: Callable[[], float] = time.perf_counter) -> PredictResult:
+            model=None, tail: bool = False, clock: Callable[[], float] = time.perf_counter) -> PredictResult:
     """Anytime answer: subnet 1, then each next step whose predicted time / MACs still fit.
 
     Predictions are the model's step times scaled by the largest slowdown (measured / calibrated)
     seen so far in this call, so a machine that got busier since calibration stops earlier.
+    ``tail=True`` predicts no less than the step's calibrated 95th percentile (a model's
+    ``next_step_tail_ms``): fewer late answers, a smaller subnet near the deadline.
 
     ``model`` is anything with ``next_step_ms(subnet) -> ms`` (a :class:`LatencyModel`); with a
     deadline and no model, one is calibrated for this batch size (cached).  ``clock`` returns
@@ -98,9 +100,12 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         if budget_macs is not None and used + step_macs[k] > budget_macs:
             stopped_by = "budget"
             break
-        predicted = remaining = None
+        predicted = remaining = base = None
         if deadline_ms is not None:
-            predicted = float(model.next_step_ms(k)) * slowdown
+            base = float(model.next_step_ms(k))
+            predicted = base * slowdown
+            if tail and callable(getattr(model, "next_step_tail_ms", None)):
+                predicted = max(predicted, float(model.next_step_tail_ms(k)))
             remaining = deadline_ms - 1e3 * (clock() - start)
             if predicted > remaining:
                 stopped_by = "deadline"
@@ -109,8 +114,8 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         session.step()
         records.append(StepRecord(k + 1, predicted, 1e3 * (clock() - t0), step_macs[k], remaining))
         used += step_macs[k]
-        if predicted:
-            slowdown = max(slowdown, records[-1].actual_ms / (predicted / slowdown))
+        if base:
+            slowdown = max(slowdown, records[-1].actual_ms / base)
     elapsed = 1e3 * (clock() - start)
     return PredictResult(session.logits, session.subnet, elapsed, session.subnet - 1, used, deadline_ms,
                          budget_macs, records, stopped_by)

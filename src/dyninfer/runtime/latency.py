@@ -1,7 +1,8 @@
 """Per-step latency model, calibrated on this machine at one batch size and thread count.
 
 ``model = calibrate(net, batch=1)`` times the session start (subnet 1) and every step k -> k+1,
-plus every subnet from scratch, and keeps medians.  Models are cached in memory and, with
+plus every subnet from scratch, and keeps medians (and each step's 95th percentile, for a
+controller that must rarely be late).  Models are cached in memory and, with
 ``cache_dir``, on disk, keyed by (net fingerprint, batch, threads); a disk entry measured on
 another CPU or torch version is ignored and measured again.
 """
@@ -9,6 +10,7 @@ another CPU or torch version is ignored and measured again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,8 @@ _MEMORY: dict[tuple, "LatencyModel"] = {}
 
 @dataclass
 class LatencyModel:
-    """Predicted milliseconds: ``step_ms[0]`` starts subnet 1, ``step_ms[k]`` steps k -> k+1."""
+    """Predicted milliseconds: ``step_ms[0]`` starts subnet 1, ``step_ms[k]`` steps k -> k+1
+    (medians); ``step_tail_ms`` the same steps' 95th percentiles (None: not measured)."""
 
     step_ms: list[float]
     scratch_ms: list[float]
@@ -33,6 +36,7 @@ class LatencyModel:
     key: str = ""
     machine: dict = field(default_factory=dict)
     repeats: int = 0
+    step_tail_ms: list[float] | None = None
 
     @property
     def num_subnets(self) -> int:
@@ -43,6 +47,11 @@ class LatencyModel:
         if not 0 <= subnet < self.num_subnets:
             raise ValueError(f"subnet must be in 0..{self.num_subnets - 1} to have a next step, got {subnet!r}")
         return self.step_ms[subnet]
+
+    def next_step_tail_ms(self, subnet: int) -> float:
+        """The 95th percentile of that step's calibrated times (the median if it was not kept)."""
+        median = self.next_step_ms(subnet)
+        return median if self.step_tail_ms is None else self.step_tail_ms[subnet]
 
     def path_ms(self, subnet: int) -> float:
         """Predicted time to reach ``subnet`` by stepping from the start."""
@@ -55,7 +64,8 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LatencyModel":
-        return cls(**{k: data[k] for k in ("step_ms", "scratch_ms", "batch", "threads", "key", "machine", "repeats")})
+        return cls(**{k: data[k] for k in ("step_ms", "scratch_ms", "batch", "threads", "key", "machine", "repeats")},
+                   step_tail_ms=data.get("step_tail_ms"))
 
 
 def _machine() -> dict:
@@ -93,8 +103,9 @@ def calibrate(net, batch: int = 1, *, threads: int | None = None, repeats: int =
     configs["path"] = session_path(cnet, x)
     samples = interleaved(configs, repeats=repeats, warmup=warmup, threads=threads)
     steps = [statistics.median(col) for col in zip(*samples["path"])]
+    tails = [sorted(col)[min(len(col) - 1, math.ceil(0.95 * len(col)) - 1)] for col in zip(*samples["path"])]
     scratch = [statistics.median(samples[f"scratch{k}"]) for k in range(1, cnet.num_subnets + 1)]
-    model = LatencyModel(steps, scratch, batch, threads, key[0], _machine(), repeats)
+    model = LatencyModel(steps, scratch, batch, threads, key[0], _machine(), repeats, tails)
     _MEMORY[key] = model
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
