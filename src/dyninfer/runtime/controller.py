@@ -103,9 +103,9 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         predicted = remaining = base = None
         if deadline_ms is not None:
             base = float(model.next_step_ms(k))
-            predicted = base * slowdown
             if tail and callable(getattr(model, "next_step_tail_ms", None)):
-                predicted = max(predicted, float(model.next_step_tail_ms(k)))
+                base = max(base, float(model.next_step_tail_ms(k)))
+            predicted = base * slowdown
             remaining = deadline_ms - 1e3 * (clock() - start)
             if predicted > remaining:
                 stopped_by = "deadline"
@@ -115,7 +115,7 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         records.append(StepRecord(k + 1, predicted, 1e3 * (clock() - t0), step_macs[k], remaining))
         used += step_macs[k]
         if base:
-            slowdown = max(slowdown, records[-1].actual_ms / base)
+            slowdown = max(slowdown, records[-1].actual_ms / float(model.next_step_ms(k)))
     elapsed = 1e3 * (clock() - start)
     return PredictResult(session.logits, session.subnet, elapsed, session.subnet - 1, used, deadline_ms,
                          budget_macs, records, stopped_by)
