@@ -18,8 +18,8 @@ Two paths compute this:
 * ``LCNet.forward`` -- the masked, differentiable reference used for training and accuracy:
   every block and channel is computed, then multiplied by its saliency.
 * ``LCNet.compile()`` -- the inference runtime (:class:`LCRuntime`): BatchNorm folded into the
-  convolutions, skipped blocks not run, zero-saliency channels sliced out of conv1's outputs and
-  conv2's inputs. Batches are handled by one of :data:`STRATEGIES`.
+  convolutions, skipped blocks' branches not run, zero-saliency channels sliced out of conv2's
+  inputs (and, sequential, conv1's outputs; parallel computed conv1 in full). Batches are handled by one of :data:`STRATEGIES`.
 
 Modes, the paper's two configurations (what differs is only what runs at inference; both
 modes share weights, training and accuracy):
@@ -414,8 +414,9 @@ class LCRuntime:
 
     A snapshot: BN is folded into copies of the weights, so later training of the LCNet does
     not reach it (compile again). ``runtime(x, strategy=...)`` returns logits equal (up to float
-    rounding) to ``net.eval()(x)``. At batch 1 a block with S_L = 0 runs no convolution and only
-    the active channels' slices of conv1 / conv2 are used; decisions are read once per block
+    rounding) to ``net.eval()(x)``. At batch 1 a block with S_L = 0 runs no conv2 (sequential:
+    no convolution at all) and only the active channels' slice of conv2 (sequential: of conv1 too)
+    is used; decisions are read once per block
     as Python floats. Sliced weights are kept contiguous in a per-block LRU cache of
     ``slice_cache`` channel sets (0 disables it), since the same sets recur across inputs.
     """
@@ -461,8 +462,8 @@ class LCRuntime:
     def sliced(self, x: Tensor) -> nn.Module:
         """The static network this runtime executes for the single input ``x`` (1, C, H, W).
 
-        Skipped blocks have no convolutions, kept blocks have conv1/conv2 sliced to the active
-        channels, and the control nets that run are included, so ``dyninfer.cost.macs`` of it is
+        Skipped blocks have no branch convolutions but (parallel) conv1 in full, kept blocks have
+        conv2 (sequential: and conv1) sliced to the active channels, and the control nets that run are included, so ``dyninfer.cost.macs`` of it is
         the input's true cost. Run on ``x`` it returns ``runtime(x)``; on other inputs it keeps
         x's decisions.
         """
