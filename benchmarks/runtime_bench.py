@@ -23,11 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 from dyninfer import models, report
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime import bench
 from dyninfer.runtime.commands import load_run
+from dyninfer.runtime.compaction import as_compact
+from dyninfer.runtime.session import Session
 from dyninfer.runtime.timing import num_threads
 
 ROOT = Path(__file__).resolve().parent
@@ -53,12 +57,6 @@ def uniform_net(name: str, shape: tuple[int, int, int], subnets: int) -> TaggedN
 def profile(net, batch: int, runs: int = 20, top: int = 6) -> str:
     """Where the time goes: torch.profiler over the stepping path 1..N and over one from-scratch
     pass of subnet N (single thread), the ops taking the most self CPU time per run."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    from dyninfer.runtime.compaction import as_compact
-    from dyninfer.runtime.session import Session
-
     cnet = as_compact(net)
     x = torch.randn(batch, *cnet.input_shape, generator=torch.Generator().manual_seed(0))
 

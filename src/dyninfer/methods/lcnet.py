@@ -520,7 +520,8 @@ class LCRuntime:
         return out.relu_()
 
     def _weights(self, i: int, plan: _BlockPlan, idx: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """conv1's rows, conv1's bias and conv2's input columns for channels ``idx``."""
+        """conv1's rows, conv1's bias and conv2's input columns for channels ``idx`` (parallel
+        mode: conv1 whole, since it already ran in full)."""
         c1, c2 = plan.conv1, plan.conv2
         if len(idx) == plan.channels:
             return c1.weight, c1.bias, c2.weight
@@ -533,7 +534,10 @@ class LCRuntime:
             return hit
         self.cache_misses += 1
         ids = torch.tensor(idx, dtype=torch.int64, device=c1.weight.device)
-        sliced = (c1.weight.index_select(0, ids), c1.bias.index_select(0, ids), c2.weight.index_select(1, ids))
+        if self.mode == "parallel":  # conv1 ran in full beside the gates: only conv2's columns are used
+            sliced = (c1.weight, c1.bias, c2.weight.index_select(1, ids))
+        else:
+            sliced = (c1.weight.index_select(0, ids), c1.bias.index_select(0, ids), c2.weight.index_select(1, ids))
         if self.slice_cache:
             cache[key] = sliced
             if len(cache) > self.slice_cache:
@@ -555,7 +559,7 @@ class LCRuntime:
         if full is None:
             t = plan.conv1(h, w1, b1).relu_()
         else:
-            t = full if idx is None else full.index_select(1, idx)
+            t = full if idx is None or idx.numel() == plan.channels else full.index_select(1, idx)
         t = t.mul_(s[:, :, None, None])  # t is this call's own tensor (``full`` is not read again)
         if plan.conv3 is None:
             return plan.conv2(t, w2)

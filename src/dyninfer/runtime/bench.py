@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from dyninfer import cost, export
+from dyninfer.report import machine, markdown_table
 from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.timing import interleaved, session_path, summarize
 
@@ -41,8 +43,6 @@ def _best(per_layout: dict[str, dict]) -> dict:
 def bench_setting(net, batch: int, threads: int, *, repeats: int = 20, warmup: int = 5,
                   layouts: Sequence[str] = tuple(LAYOUTS)) -> dict:
     """One (batch, threads) setting: scratch (compact and plain), steps and path, interleaved."""
-    from dyninfer import export
-
     cnet = as_compact(net)
     n = cnet.num_subnets
     bad = [name for name in layouts if name not in LAYOUTS]
@@ -101,12 +101,8 @@ def bench_setting(net, batch: int, threads: int, *, repeats: int = 20, warmup: i
 def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] = (1, 2), repeats: int = 20,
               warmup: int = 5, layouts: Sequence[str] = tuple(LAYOUTS), progress: bool = False) -> dict:
     """All settings (batch x threads) for ``net``; a JSON-ready dict (see :func:`markdown`)."""
-    from dyninfer.report import machine
-
     batches, threads = _check_list("batches", batches), _check_list("threads", threads)
     cnet = as_compact(net)
-    from dyninfer import cost, export
-
     fractions = None
     if hasattr(net, "mac_fractions"):
         fractions = [float(f) for f in net.mac_fractions()]
@@ -134,8 +130,6 @@ def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] 
 
 def markdown(result: dict, title: str = "Runtime benchmark", level: int = 1, machine: bool = True) -> str:
     """Human-readable tables of a :func:`run_bench` result (``level``: heading depth of the title)."""
-    from dyninfer.report import markdown_table
-
     net, m = result["net"], result["machine"]
     lines = [f"{'#' * level} {title}", ""]
     if result.get("command"):

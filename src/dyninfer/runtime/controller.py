@@ -103,11 +103,12 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         if budget_macs is not None and used + step_macs[k] > budget_macs:
             stopped_by = "budget"
             break
-        predicted = remaining = base = None
+        predicted = remaining = median = None
         if deadline_ms is not None:
-            base = float(model.next_step_ms(k))
+            median = float(model.next_step_ms(k))
+            base = median
             if tail and callable(getattr(model, "next_step_tail_ms", None)):
-                base = max(base, float(model.next_step_tail_ms(k)))
+                base = max(median, float(model.next_step_tail_ms(k)))
             predicted = base * slowdown
             remaining = deadline_ms - 1e3 * (clock() - start)
             if predicted > remaining:
@@ -117,8 +118,8 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
         session.step()
         records.append(StepRecord(k + 1, predicted, 1e3 * (clock() - t0), step_macs[k], remaining))
         used += step_macs[k]
-        if base:
-            slowdown = max(slowdown, records[-1].actual_ms / float(model.next_step_ms(k)))
+        if median:
+            slowdown = max(slowdown, records[-1].actual_ms / median)
     elapsed = 1e3 * (clock() - start)
     return PredictResult(session.logits, session.subnet, elapsed, session.subnet - 1, used, deadline_ms,
                          budget_macs, records, stopped_by)
