@@ -401,3 +401,104 @@ def test_linear_warmup_ramps_the_learning_rate():
     assert len(record.lrs) == 12 and all(lr == pytest.approx(0.1) for lr in record.lrs[4:])
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1)
+
+
+# --- the step-budget mode ---------------------------------------------------------------------------
+
+def _hand_loop(model, data, steps, batch_size, seed, lr):
+    """The step mode written out with torch's own pieces: passes over data.batches from one seeded
+    generator, SGD, LambdaLR's cosine. Independent of dyninfer's loop and BatchStream."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    g = torch.Generator().manual_seed(seed)
+
+    def stream():
+        while True:
+            yield from data.batches(batch_size, shuffle=True, augment=True, generator=g, drop_last=True)
+
+    batches = stream()
+    model.train()
+    for _ in range(steps):
+        x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+def test_step_mode_equals_a_hand_written_loop_with_torch_schedulers():
+    data = stripes(n=40, augmentation="crop-flip")  # 40 / 16: a pass drops 8 samples, 13 steps span 5 passes
+    expected = _hand_loop(Net(), data, 13, 16, 5, 0.1)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    counted = []
+    history = fit(model, data, TrainConfig(steps=13, batch_size=16, seed=5, progress=False, checkpoint_every=4),
+                  optimizer=opt, callbacks=[type("C", (), {"on_batch_end": lambda self, s: counted.append(s.step)})()])
+    assert counted == list(range(1, 14))
+    assert [r["step"] for r in history] == [4, 8, 12, 13]
+    for a, b in zip(expected.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_batch_stream_resumes_mid_pass_from_its_state():
+    data = stripes(n=30, augmentation="crop-flip")
+    straight = dy.data.BatchStream(data, 8, seed=3)
+    reference = [next(straight) for _ in range(11)]
+    first = dy.data.BatchStream(data, 8, seed=3)
+    for _ in range(5):
+        next(first)
+    state = first.state_dict()
+    again = dy.data.BatchStream(data, 8, seed=99)
+    again.load_state_dict(state)
+    for x, y in reference[5:]:
+        gx, gy = next(again)
+        assert torch.equal(x, gx) and torch.equal(y, gy)
+
+
+@pytest.mark.parametrize("crash_at", [5, 8])  # after the checkpoints at steps 3 and 6
+def test_step_mode_resume_equals_uninterrupted_run(tmp_path, crash_at):
+    data = stripes(n=40, augmentation="crop-flip")
+    config = TrainConfig(steps=10, batch_size=16, lr=0.1, seed=2, checkpoint_every=3, progress=False)
+    torch.manual_seed(11)
+    straight = Net(dropout=0.5)
+    torch.manual_seed(11)  # the step mode draws dropout from the caller's RNG
+    fit(straight, data, config)
+
+    class Crash:
+        def on_batch_end(self, state):
+            if state.step == crash_at:
+                raise KeyboardInterrupt
+
+    torch.manual_seed(11)
+    model = Net(dropout=0.5)
+    torch.manual_seed(11)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, data, config, out=tmp_path / "run", callbacks=[Crash()])
+    resumed = Net(seed=5, dropout=0.5)  # another process: weights, optimizer, stream and RNG come from the checkpoint
+    torch.manual_seed(0)
+    history = fit(resumed, data, config, out=tmp_path / "run")
+    assert [r["step"] for r in history] == [3, 6, 9, 10]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_step_mode_stop_and_start_step_and_bad_options():
+    data = stripes(n=40)
+
+    class StopAt4:
+        def on_batch_end(self, state):
+            state.stop = state.step == 4
+
+    history = fit(Net(), data, TrainConfig(steps=10, batch_size=8, progress=False), callbacks=[StopAt4()])
+    assert history[-1]["step"] == 4
+    steps = []
+    fit(Net(), data, TrainConfig(steps=10, batch_size=8, progress=False), start_step=7,
+        callbacks=[type("C", (), {"on_batch_start": lambda self, s: steps.append(s.step)})()])
+    assert steps == [7, 8, 9]
+    with pytest.raises(ValueError, match="step-budget mode"):
+        fit(Net(), data, TrainConfig(epochs=1, progress=False), start_step=3)
+    with pytest.raises(ValueError, match="start_step"):
+        fit(Net(), data, TrainConfig(steps=5, progress=False), start_step=6)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        TrainConfig(steps=0)

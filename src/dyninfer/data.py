@@ -169,11 +169,55 @@ class ImageSet:
             order = order[rank::world]
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
-            images = self.images.index_select(0, idx)  # far faster than images[idx] for uint8
-            if augment and self.augmentation == "crop-flip":
-                images = crop_flip(images, generator=generator)
-            yield self.normalize(images), self.labels.index_select(0, idx)
+            yield self.batch(order[start:start + batch_size], augment=augment, generator=generator)
+
+    def batch(self, indices: torch.Tensor, *, augment: bool = False,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``indices`` as one normalised batch (augmented from ``generator``)."""
+        images = self.images.index_select(0, indices)  # far faster than images[idx] for uint8
+        if augment and self.augmentation == "crop-flip":
+            images = crop_flip(images, generator=generator)
+        return self.normalize(images), self.labels.index_select(0, indices)
+
+
+class BatchStream:
+    """Endless full batches of ``data``, pass after pass, shuffled and augmented from one seeded
+    generator: the pipeline every step-budget loop trains on.
+
+    Its whole state is the generator's state, the current pass's order and the position in it,
+    so :meth:`state_dict` lets a checkpointed loop resume the very same sequence mid-pass. A data
+    set smaller than one batch yields the whole set each time.
+    """
+
+    def __init__(self, data: "ImageSet", batch_size: int, seed: int, *, augment: bool = True):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if len(data) == 0:
+            raise ValueError(f"cannot draw batches from the empty data set {data.name!r}")
+        self.data, self.batch_size, self.augment = data, batch_size, augment
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._order = torch.zeros(0, dtype=torch.int64)
+        self._position = 0
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = min(self.batch_size, len(self.data))
+        if self._position + size > len(self._order):  # a new pass; the incomplete rest is dropped
+            self._order = torch.randperm(len(self.data), generator=self.generator)
+            self._position = 0
+        indices = self._order[self._position:self._position + size]
+        self._position += size
+        return self.data.batch(indices, augment=self.augment, generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = state["order"].clone()
+        self._position = int(state["position"])
 
 
 def crop_flip(images: torch.Tensor, padding: int = 4,

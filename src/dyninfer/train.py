@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dyninfer import checkpoint as ckpt
 from dyninfer import progress
-from dyninfer.data import ImageSet
+from dyninfer.data import BatchStream, ImageSet
 
 __all__ = ["TrainConfig", "TrainerState", "FrozenTeacher", "kd_loss", "evaluate", "fit", "lr_factor", "make_optimizer"]
 
@@ -35,7 +35,8 @@ Forward = Callable[[nn.Module, Tensor], Tensor]
 LossFn = Callable[[nn.Module, Tensor, Tensor], "Tensor | dict[str, Tensor]"]
 
 # Fields that may change between a run and its resumption without breaking it.
-_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_size"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_size", "checkpoint_every"})
+SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,14 @@ class TrainConfig:
     ``warmup_steps`` ramps the LR linearly from lr/warmup_steps to the scheduled LR over the first
     optimizer steps.
 
-    ``schedule`` is applied per epoch: "cosine" anneals to 0 over ``epochs``; "step" multiplies
-    the LR by ``step_gamma`` at each of ``step_milestones`` (fractions of ``epochs``); "none"
-    keeps it constant. ``log_every`` is how many steps pass between reads of the loss for the
+    ``schedule``: "cosine" anneals to 0 over the run; "step" multiplies the LR by ``step_gamma``
+    at each of ``step_milestones`` (fractions of the run); "none" keeps it constant. It is
+    evaluated per epoch, or per optimizer step with ``schedule_by="step"``.
+
+    ``steps`` switches to the step-budget mode: exactly ``steps`` optimizer steps of full batches
+    drawn pass after pass from one seeded :class:`~dyninfer.data.BatchStream` (``epochs`` is then
+    unused), the schedule per step, and with an output folder a checkpoint every
+    ``checkpoint_every`` steps (default: a tenth of the run). ``log_every`` is how many steps pass between reads of the loss for the
     progress bar (each read syncs with the GPU). ``find_unused_parameters`` is passed to
     DistributedDataParallel; set it when a step leaves some parameters unused (one subnet).
     """
@@ -71,6 +77,9 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     find_unused_parameters: bool = False
+    steps: int | None = None
+    checkpoint_every: int | None = None
+    schedule_by: str = "epoch"
 
     def __post_init__(self) -> None:
         def bad(name: str, accepted: str) -> ValueError:
@@ -89,6 +98,11 @@ class TrainConfig:
                 raise bad(name, "an int >= 1")
         if not is_int(self.seed):
             raise bad("seed", "an int")
+        for name in ("steps", "checkpoint_every"):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
+                raise bad(name, "an int >= 1 or None")
+        if self.schedule_by not in ("epoch", "step"):
+            raise bad("schedule_by", "'epoch' or 'step'")
         for name in ("nesterov", "augment", "drop_last", "progress", "find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
@@ -105,7 +119,7 @@ class TrainConfig:
                              "(set nesterov=False or momentum in (0, 1))")
         if not is_num(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "a number >= 0")
-        if self.schedule not in ("cosine", "step", "none"):
+        if self.schedule not in SCHEDULES:
             raise bad("schedule", "'cosine', 'step' or 'none'")
         try:
             milestones = tuple(float(m) for m in self.step_milestones)
@@ -139,7 +153,8 @@ class TrainerState:
     """What callbacks see. ``model`` is the bare module (also under DDP); ``wrapped`` is what
     the forward pass goes through (the DDP wrapper, or ``model``). ``epoch`` is the 0-based
     epoch in progress and ``batch_index`` the batch within it; ``step`` counts optimizer steps
-    over the whole run; ``metrics`` is the epoch's record (callbacks may add to it in
+    over the whole run; in the step-budget mode a callback may set ``stop`` to end the run after
+    the current step; ``metrics`` is the epoch's record (callbacks may add to it in
     ``on_epoch_end``, before it is written); ``loss`` is the last
     batch's loss, detached (a tensor: reading it with ``.item()`` syncs the GPU)."""
 
@@ -156,6 +171,13 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    stop: bool = False
+
+    def sync_buffers(self) -> None:
+        """Make every rank's buffers (BN statistics, tags, masks) rank 0's; a no-op in one process."""
+        if self.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -245,13 +267,15 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 512, forward: F
     return {"top1": top1.item() / n, "top5": topk.item() / n, "loss": loss_sum.item() / n, "n": n}
 
 
-def lr_factor(config: TrainConfig, epoch: int) -> float:
-    """Multiplier of the base LR during 0-based ``epoch`` under ``config.schedule``."""
+def lr_factor(config: TrainConfig, epoch: int, total: int | None = None) -> float:
+    """Multiplier of the base LR at 0-based ``epoch`` (or step) of ``total`` (default
+    ``config.epochs``) under ``config.schedule``."""
+    total = config.epochs if total is None else total
     if config.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / total))
     if config.schedule == "step":
-        # A milestone f decays the LR from epoch floor(f * epochs) on; 1e-9 absorbs float error.
-        passed = sum(epoch >= math.floor(f * config.epochs + 1e-9) for f in config.step_milestones)
+        # A milestone f decays the LR from epoch floor(f * total) on; 1e-9 absorbs float error.
+        passed = sum(epoch >= math.floor(f * total + 1e-9) for f in config.step_milestones)
         return config.step_gamma ** passed
     return 1.0
 
@@ -334,7 +358,10 @@ def _callbacks_with_state(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     return keyed
 
 
-def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], epochs_done: int) -> None:
+def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], epochs_done: int | None,
+                     rng: Mapping[str, Tensor] | None = None) -> None:
+    """``epochs_done`` in the epoch mode; in the step mode None, with the global ``rng`` states
+    (the step mode draws from the caller's RNG instead of reseeding it, so it checkpoints it)."""
     tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
     opt_tensors, opt_skeleton = ckpt.pack_state(state.optimizer.state_dict(), "optimizer")
     tensors.update(opt_tensors)
@@ -342,8 +369,11 @@ def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], 
     for key, cb in _callbacks_with_state(callbacks):
         cb_tensors, cb_skeletons[key] = ckpt.pack_state(cb.state_dict(), f"callbacks.{key}")
         tensors.update(cb_tensors)
+    rng_tensors, rng_skeleton = ckpt.pack_state(dict(rng or {}), "rng")
+    tensors.update(rng_tensors)
     meta = {
         "epochs_done": epochs_done,
+        "rng": rng_skeleton,
         "step": state.step,
         "config": state.config.to_dict(),
         "model": ckpt.model_config(state.model),
@@ -356,8 +386,9 @@ def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], 
     ckpt.save(path, tensors, meta)
 
 
-def _restore_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any]) -> int:
-    """Load model/optimizer/callback state into ``state``; returns the epochs already done."""
+def _restore_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """Load model/optimizer/callback state into ``state``; returns the checkpoint's ``epochs_done``
+    and the ``rng`` states it saved."""
     tensors, meta = ckpt.load(path)
     saved = meta.get("config", {})
     changed = sorted(k for k, v in state.config.to_dict().items()
@@ -383,7 +414,8 @@ def _restore_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any
             log.warning("checkpoint has no state for callback %s; it starts fresh", key)
     state.step = int(meta["step"])
     state.history = list(meta.get("history", []))
-    return int(meta["epochs_done"])
+    rng = ckpt.unpack_state(meta["rng"], tensors) if "rng" in meta else {}
+    return {"epochs_done": meta["epochs_done"], "rng": rng}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -399,6 +431,9 @@ def _write_lines(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
+_HOOKS = ("on_batch_start", "on_after_backward", "on_batch_end", "on_epoch_end")
+
 
 def _call(callbacks: Sequence[Any], hook: str, state: TrainerState) -> None:
     for cb in callbacks:
@@ -428,6 +463,11 @@ def _default_loss(config: TrainConfig, forward: Forward | None) -> LossFn:
     return loss_fn
 
 
+def _warmup(config: TrainConfig, step: int) -> float:
+    """The linear warm-up's factor at 0-based optimizer step ``step``."""
+    return min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+
+
 def _steps_per_epoch(n: int, config: TrainConfig, world: int) -> int:
     per_rank = -(-n // world)
     return per_rank // config.batch_size if config.drop_last else -(-per_rank // config.batch_size)
@@ -445,6 +485,10 @@ def fit(
     callbacks: Sequence[Any] = (),
     resume: bool = True,
     distributed: bool | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: Iterator[tuple[Tensor, Tensor]] | None = None,
+    start_step: int = 0,
+    desc: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``train``; returns the per-epoch metrics (also in ``out/metrics.jsonl``).
 
@@ -460,6 +504,19 @@ def fit(
     weights as an uninterrupted run. Under torchrun (or an initialised process group) the
     model is wrapped in DistributedDataParallel and each rank trains on its shard; only rank 0
     writes files. ``distributed=False`` forbids that, ``True`` requires it.
+
+    The step-budget mode (``config.steps``) is the loop every method's training runs through
+    (SteppingNet's construction, every baseline, the non-uniform and doubly nested methods): it
+    takes the method's own ``optimizer`` (whose hyper-parameters then replace the config's; the
+    schedule multiplies each group's initial LR), its ``batches`` (an endless iterator, by default
+    ``BatchStream(train, batch_size, seed)``; one with ``state_dict`` is checkpointed with the run),
+    callbacks with ``on_batch_start`` (e.g. to set the LR or re-seed at a round boundary) and
+    ``state.stop``. A loop that keeps its own checkpoints passes ``start_step`` to continue
+    counting from there. Under a process group it averages gradients over ranks after each
+    backward (one all-reduce, DDP's arithmetic without its wrapper: a method's loss runs several
+    subnets through the model before one backward, which DDP's reducer does not allow), each rank
+    training on its rows of every batch; rank 0's buffers are broadcast at each checkpoint.
+    ``desc`` names the progress bar.
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -470,12 +527,20 @@ def fit(
     if len(train) == 0:
         raise ValueError(f"training set {train.name!r} is empty")
     for cb in callbacks:
-        if not any(callable(getattr(cb, h, None)) for h in ("on_batch_end", "on_after_backward", "on_epoch_end")):
-            raise TypeError(f"callback {cb!r} defines none of on_batch_end, on_after_backward, on_epoch_end")
+        if not any(callable(getattr(cb, h, None)) for h in _HOOKS):
+            raise TypeError(f"callback {cb!r} defines none of {', '.join(_HOOKS)}")
+    if config.steps is None and (optimizer is not None or batches is not None or start_step):
+        raise ValueError("optimizer=, batches= and start_step= belong to the step-budget mode; set TrainConfig.steps")
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= (config.steps or 0):
+        raise ValueError(f"start_step must be an int in [0, steps], got {start_step!r}")
 
     ctx = _setup_distributed(distributed)
     try:
-        history = _fit(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx)
+        if config.steps is not None:
+            history = _fit_steps(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx,
+                                 optimizer, batches, start_step, desc)
+        else:
+            history = _fit(model, train, config, test, out, loss_fn, forward, list(callbacks), resume, ctx)
         if ctx.owns_group and ctx.world_size > 1:
             # every rank finished before the group is torn down: under load a gloo rank whose peer
             # had already left aborted ("terminate called without an active exception") in CI
@@ -503,7 +568,11 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
                          rank=ctx.rank, world_size=ctx.world_size)
     start = 0
     if resume and ckpt_path is not None and ckpt.exists(ckpt_path):
-        start = _restore_checkpoint(ckpt_path, state, callbacks)
+        done = _restore_checkpoint(ckpt_path, state, callbacks)["epochs_done"]
+        if done is None:
+            raise ValueError(f"cannot resume from {str(ckpt.paths(ckpt_path)[0])!r}: it is a step-budget run's "
+                             "checkpoint (TrainConfig.steps); resume it with the same steps")
+        start = int(done)
         log.info("resuming %s after epoch %d", out_dir, start)
     if ctx.world_size > 1:
         seen = torch.tensor([start, -start], device=device)
@@ -553,10 +622,11 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
                 state.batch_index = i
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                if state.step <= config.warmup_steps and config.warmup_steps:  # linear LR warm-up
-                    ramp = min(1.0, (state.step + 1) / config.warmup_steps)
+                if config.schedule_by == "step" or (state.step <= config.warmup_steps and config.warmup_steps):
+                    factor = (lr_factor(config, state.step, config.epochs * steps) if config.schedule_by == "step"
+                              else lr_factor(config, epoch)) * _warmup(config, state.step)
                     for group in optimizer.param_groups:
-                        group["lr"] = group["initial_lr"] * lr_factor(config, epoch) * ramp
+                        group["lr"] = group["initial_lr"] * factor
                 loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
                 loss.backward()
                 _call(callbacks, "on_after_backward", state)
@@ -612,5 +682,166 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
 
     if out_dir is not None and lead:
         ckpt.save_model(out_dir / "model", model, {"train": config.to_dict(), "epochs_done": config.epochs,
+                                                   "metrics": state.history[-1] if state.history else None})
+    return state.history
+
+
+def _average_gradients(params: Sequence[Tensor], ctx: _Dist) -> None:
+    """Every rank's gradients become the mean over ranks, as DDP's reducer leaves them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    counts = torch.tensor([len(grads), -len(grads)])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    if counts[0].item() != -counts[1].item():
+        raise RuntimeError(f"ranks computed gradients for different parameters ({-counts[1].item()}.."
+                           f"{counts[0].item()} of them); every rank must run the same subnets each step")
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet | None,
+               out: str | os.PathLike | None, loss_fn: LossFn | None, forward: Forward | None,
+               callbacks: list[Any], resume: bool, ctx: _Dist, optimizer: torch.optim.Optimizer | None,
+               batches: Iterator[tuple[Tensor, Tensor]] | None, start_step: int, desc: str | None) -> list[dict[str, Any]]:
+    """The step-budget mode of :func:`fit` (see there)."""
+    if ctx.device is not None:
+        model.to(ctx.device)
+    device = _device_of(model)
+    lead = ctx.rank == 0
+    total = int(config.steps)
+    every = config.checkpoint_every or max(1, total // 10)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint" if out_dir is not None else None
+
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stream = batches if batches is not None else BatchStream(train, config.batch_size, config.seed,
+                                                             augment=config.augment)
+    stateful = callbacks + ([stream] if callable(getattr(stream, "state_dict", None))
+                            and callable(getattr(stream, "load_state_dict", None)) else [])
+    state = TrainerState(model=model, optimizer=optimizer, config=config, wrapped=model,
+                         rank=ctx.rank, world_size=ctx.world_size, step=start_step)
+    if resume and ckpt_path is not None and ckpt.exists(ckpt_path):
+        restored = _restore_checkpoint(ckpt_path, state, stateful)
+        if restored["epochs_done"] is not None:
+            raise ValueError(f"cannot resume from {str(ckpt.paths(ckpt_path)[0])!r}: it is an epoch run's "
+                             "checkpoint; resume it without TrainConfig.steps")
+        _set_rng_state(restored["rng"], device)
+        log.info("resuming %s after step %d", out_dir, state.step)
+    if ctx.world_size > 1:
+        seen = torch.tensor([state.step, -state.step], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0].item() != -seen[1].item():
+            raise RuntimeError(f"ranks disagree on the step to resume from ({-seen[1].item()}..{seen[0].item()}); "
+                               f"is {str(out_dir)!r} on a shared filesystem?")
+        with torch.no_grad():  # start from rank 0's weights and buffers, as DDP does
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor, src=0)
+
+    if out_dir is not None and lead:
+        _write_json(out_dir / "config.json", {
+            "train": config.to_dict(), "model": ckpt.model_config(model),
+            "data": {"name": train.name, "n": len(train), "input_shape": list(train.input_shape),
+                     "num_classes": train.num_classes, "test_n": len(test) if test is not None else None},
+            "world_size": ctx.world_size, "torch": torch.__version__,
+        })
+        _write_lines(out_dir / "metrics.jsonl", state.history)
+
+    loss_fn = loss_fn or _default_loss(config, forward)
+    show = config.progress and lead
+    model.train()
+    sums: dict[str, Tensor] = {}
+    seen_n, t0 = 0, time.perf_counter()
+    bar = progress.bar(total=total, initial=state.step, desc=desc or "train", enabled=show)
+    while state.step < total and not state.stop:
+        factor = lr_factor(config, state.step, total) * _warmup(config, state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        state.batch_index = state.step
+        _call(callbacks, "on_batch_start", state)
+        x, y = next(stream)
+        if ctx.world_size > 1:  # every rank draws the same batch and trains on its rows
+            if x.shape[0] < ctx.world_size:
+                raise ValueError(f"a batch of {x.shape[0]} cannot be split over {ctx.world_size} ranks")
+            x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
+        loss.backward()
+        if ctx.world_size > 1:
+            _average_gradients(params, ctx)
+        _call(callbacks, "on_after_backward", state)
+        optimizer.step()
+        state.step += 1
+        state.loss = loss.detach()
+        state.losses = {"loss": state.loss, **{k: v.detach() for k, v in parts.items()}}
+        b = x.shape[0]
+        seen_n += b
+        for k, v in state.losses.items():
+            if v.dim() == 0:
+                sums[k] = sums.get(k, 0) + v.float() * b
+        logits = parts.get("logits")
+        if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == b:
+            sums["__correct__"] = sums.get("__correct__", 0) + (logits.detach().argmax(dim=1) == y).sum()
+        _call(callbacks, "on_batch_end", state)
+        bar.update()
+        if show and state.step % config.log_every == 0:
+            bar.set_postfix(loss=f"{state.loss.item():.4f}")
+        if state.step % every and state.step < total and not state.stop:
+            continue
+        # a segment ends: record, evaluate, checkpoint
+        state.sync_buffers()
+        names = sorted(sums)
+        totals = _all_reduce_sum(torch.stack([sums[k].float() for k in names]
+                                             + [torch.tensor(float(seen_n), device=device)]), ctx).tolist()
+        averages = {k: v / max(totals[-1], 1) for k, v in zip(names, totals)}
+        train_loss = averages.pop("loss", float("nan"))
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training diverged before step {state.step}: mean loss {train_loss}; "
+                                     f"try a lower lr — the last checkpoint is kept")
+        record: dict[str, Any] = {"step": state.step, "train_loss": train_loss,
+                                  "train_acc": averages.pop("__correct__", None)}
+        record.update({f"train_{k}": v for k, v in averages.items()})
+        if test is not None and lead:
+            result = evaluate(model, test, config.eval_batch_size, forward)
+            record.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
+            model.train()
+        seconds = time.perf_counter() - t0
+        record.update(lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=totals[-1] / max(seconds, 1e-9))
+        state.metrics = record
+        _call(callbacks, "on_epoch_end", state)
+        state.history.append(record)
+        if out_dir is not None and lead:
+            with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            _save_checkpoint(ckpt_path, state, stateful, None, _rng_state(device))
+        sums, seen_n, t0 = {}, 0, time.perf_counter()
+    bar.close()
+    if out_dir is not None and lead:
+        ckpt.save_model(out_dir / "model", model, {"train": config.to_dict(), "steps_done": state.step,
                                                    "metrics": state.history[-1] if state.history else None})
     return state.history

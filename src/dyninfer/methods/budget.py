@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dyninfer import progress as progress_bars
-from dyninfer.data import ImageSet
-from dyninfer.train import FrozenTeacher, kd_loss
+from dyninfer.data import BatchStream, ImageSet
+from dyninfer.train import FrozenTeacher, TrainConfig, TrainerState, fit, kd_loss
 
 
 @dataclass(frozen=True)
@@ -111,14 +110,12 @@ def distilled_loss(logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor 
     return gamma * ce + (1 - gamma) * kd_loss(logits, targets, temperature)
 
 
-def batch_stream(data: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batch_stream(data: ImageSet, batch_size: int, seed: int) -> BatchStream:
     """Endless full batches: shuffled, augmented, seeded; the pipeline every method trains on."""
     if len(data) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} training samples of {data.name!r}; "
                          f"use a batch size <= {len(data)}")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=True)
+    return BatchStream(data, batch_size, seed)
 
 
 def sgd(params, config: BaselineConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -129,35 +126,27 @@ def sgd(params, config: BaselineConfig, lr: float | None = None) -> torch.optim.
                            nesterov=config.momentum > 0, weight_decay=config.weight_decay)
 
 
-def run_steps(step: Callable[[torch.Tensor, torch.Tensor], float], optimizer: torch.optim.Optimizer,
-              stream: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, log: StepLog, phase: str,
-              progress: bool = False) -> None:
-    """Call ``step(x, y)`` (which must make exactly one optimizer step) ``steps`` times under a
-    cosine LR schedule, recording each in ``log``."""
+class _Record:
+    """Records each optimizer step of :func:`dyninfer.train.fit` in a :class:`StepLog`."""
+
+    def __init__(self, log: StepLog, phase: str, batch: int):
+        self.log, self.phase, self.batch = log, phase, batch
+
+    def on_batch_end(self, state: TrainerState) -> None:
+        self.log.record(self.batch, self.phase, float(state.loss))
+
+
+def run_steps(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              optimizer: torch.optim.Optimizer, stream: BatchStream, steps: int, log: StepLog, phase: str,
+              progress: bool = False, callbacks: Sequence[Any] = ()) -> None:
+    """``steps`` optimizer steps of ``loss(x, y)`` on ``model`` under a cosine LR schedule, through
+    the one training loop (:func:`dyninfer.train.fit`'s step-budget mode: progress, and data
+    parallelism under torchrun), each recorded in ``log`` under ``phase``."""
     if steps <= 0:
         return
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    bar = progress_bars.bar(range(steps), desc=phase, enabled=progress)
-    for _ in bar:
-        x, y = next(stream)
-        loss = step(x, y)
-        scheduler.step()
-        log.record(x.shape[0], phase, loss)
-    bar.close()
-
-
-def loss_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """A step function: zero grads, backward ``loss_fn(x, y)``, one optimizer step."""
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(x, y)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
-
-    return step
+    config = TrainConfig(steps=steps, batch_size=stream.batch_size, schedule="cosine", progress=progress)
+    fit(model, stream.data, config, loss_fn=lambda _model, x, y: loss(x, y), optimizer=optimizer, batches=stream,
+        callbacks=[*callbacks, _Record(log, phase, stream.batch_size)], desc=phase)
 
 
 def split_steps(total: int, parts: int) -> list[int]:

@@ -42,7 +42,7 @@ from dyninfer import checkpoint as ckpt
 from dyninfer import cost, models
 from dyninfer.checks import check_path
 from dyninfer.data import ImageSet
-from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, loss_step, run_steps, sgd
+from dyninfer.methods.budget import BaselineConfig, StepLog, batch_stream, run_steps, sgd
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.graph import GridSession
@@ -443,7 +443,7 @@ def train(net: DoublyNestedNet, train_set: ImageSet, config: DoublyNestedConfig 
 
     log = StepLog()
     net.net.train()
-    run_steps(loss_step(loss_fn, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), cfg.steps,
+    run_steps(net.net, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), cfg.steps,
               log, "joint", cfg.progress)
     net.net.eval()
     net.history.update({"method": "doubly-nested", "config": cfg.to_dict(), **log.as_dict()})

@@ -40,7 +40,7 @@ from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recal
 from dyninfer.methods.baselines.individual import reinitialise
 from dyninfer.methods.baselines.slimmable import SlimmableNet
 from dyninfer.methods.budget import (
-    BaselineConfig, StepLog, Supervision, batch_stream, loss_step, run_steps, sgd, split_steps,
+    BaselineConfig, StepLog, Supervision, batch_stream, run_steps, sgd, split_steps,
 )
 from dyninfer.methods.face import load_tagged
 from dyninfer.methods.importance import IMPORTANCES, group_lasso
@@ -199,7 +199,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
 
         model.train()
         optimizer = sgd(model.parameters(), cfg)
-        run_steps(loss_step(warm_loss, optimizer), optimizer, stream, warmup, log, "warmup", cfg.progress)
+        run_steps(model, warm_loss, optimizer, stream, warmup, log, "warmup", cfg.progress)
     model.eval()
     held_out = next(batch_stream(train_set, min(256, len(train_set)), cfg.seed + 99))
     nu = sample(model, budgets, by=cfg.by, importance=cfg.importance, search=cfg.search, multiple=cfg.multiple,
@@ -224,7 +224,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
                 loss = loss + kd_loss(net(x, k), inplace, cfg.temperature)
             return loss
 
-        run_steps(loss_step(sandwich, optimizer), optimizer, stream, joint, log, "sandwich", cfg.progress)
+        run_steps(net, sandwich, optimizer, stream, joint, log, "sandwich", cfg.progress)
     batches = -(-cfg.calibration_samples // cfg.batch_size)
     for k in range(1, n + 1):
         recalibrate_bn(net, k, batch_stream(train_set, cfg.batch_size, cfg.seed + 1000 + k), batches)
@@ -243,8 +243,7 @@ def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log:
         torch.manual_seed(cfg.seed + k)
         narrow = reinitialise(nu.net.dense(k, fold_bn=False)).train()
         optimizer = sgd(narrow.parameters(), cfg)
-        run_steps(loss_step(lambda x, y, m=narrow: supervision.loss(m(x), y, supervision.targets(x)), optimizer),
-                  optimizer,
+        run_steps(narrow, lambda x, y, m=narrow: supervision.loss(m(x), y, supervision.targets(x)), optimizer,
                   batch_stream(train_set, cfg.batch_size, cfg.seed), share, log, f"subnet-{k}", cfg.progress)
         copies.append(narrow.eval())
     history = {**nu.history, "method": "nonuniform-individual", "config": cfg.to_dict(), "batch_size": cfg.batch_size,

@@ -31,7 +31,7 @@ from dyninfer.checks import check_path, check_subnet
 from dyninfer.data import ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import (
-    BaselineConfig, StepLog, batch_stream, distilled_loss, loss_step, run_steps, sgd,
+    BaselineConfig, StepLog, batch_stream, distilled_loss, run_steps, sgd,
 )
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, check_expansion, register_method
 from dyninfer.models.registry import original_macs
@@ -217,48 +217,103 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
     return weights, factor, decay
 
 
+class SubnetTraining:
+    """SteppingNet's training step (Eq. 4 with weight-update suppression) as the loss and hooks
+    of :func:`dyninfer.train.fit`, shared by construction and retraining.
+
+    Joint schedule: one fit step per batch: every subnet from one ``forward_all``, the sum of
+    beta^j L_j backpropagated once, then per-tag gradient factors and weight decay
+    (:func:`suppression_factors`). Sequential (the paper's loop): ``steps_per_batch`` = N fit
+    steps per batch, subnet j on the batch after subnets 1..j-1 stepped on it, each step scaling
+    tag-i gradients by beta^(j-i) and holding the weights of larger subnets fixed (momentum must
+    not move what subnet j does not use); :meth:`repeat` feeds each batch N times.
+
+    ``targets(x)`` gives the teacher's logits (once per batch) or None. ``correct`` counts each
+    subnet's correct training predictions, ``losses`` each batch's per-subnet losses; both are
+    for progress reports (no extra pass) and reset by the caller.
+    """
+
+    def __init__(self, net: TaggedNet, config: SteppingConfig, targets=None):
+        self.net, self.config = net, config
+        self.n = net.num_subnets
+        self.joint = config.schedule == "joint"
+        self.steps_per_batch = 1 if self.joint else self.n
+        self.targets = targets if targets is not None else (lambda x: None)
+        self.weights, self.factor, self.decay = suppression_factors(config, self.n)
+        self.correct, self.seen, self.losses = [0] * self.n, 0, []
+        self._subnet, self._teacher, self._frozen = 1, None, None
+
+    def repeat(self, batches):
+        """Each batch of ``batches`` ``steps_per_batch`` times, for the sequential schedule."""
+        for batch in batches:
+            for _ in range(self.steps_per_batch):
+                yield batch
+
+    def loss(self, _model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if self.joint:
+            teacher = self.targets(x)
+            out = self.net.forward_all(x, straight_through=True)
+            _count_correct(self.correct, out.logits, y)
+            losses = [subnet_loss(lg, y, teacher, cfg) for lg in out.logits]
+            self.losses.append([float(loss.detach()) for loss in losses])
+            self.seen += len(y)
+            return sum(w * loss for w, loss in zip(self.weights, losses))
+        j = self._subnet
+        if j == 1:  # a new batch
+            self._teacher = self.targets(x)
+            self.losses.append([])
+            self.seen += len(y)
+        logits = self.net(x, subnet=j, straight_through=True)
+        self.correct[j - 1] += int((logits.detach().argmax(1) == y).sum())
+        loss = subnet_loss(logits, y, self._teacher, cfg)
+        self.losses[-1].append(float(loss.detach()))
+        return loss
+
+    def on_after_backward(self, _state=None) -> None:
+        wd = self.config.weight_decay
+        if self.joint:
+            self.net.shape_gradients(self.factor, self.decay, wd)
+            return
+        j, beta = self._subnet, self.config.beta if self.config.suppression else 1.0
+
+        def scale(tags: torch.Tensor) -> torch.Tensor:  # 0 for neurons outside subnet j
+            return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
+
+        def decay(tags: torch.Tensor) -> torch.Tensor:  # once per batch: in its own subnet's turn
+            return scale(tags) if self.config.decay_per_subnet else (tags == j).to(tags.dtype)
+
+        self.net.shape_gradients(scale, decay, wd)
+        self._frozen = _frozen_above(self.net, j)
+        self._frozen.__enter__()
+
+    def on_batch_end(self, _state=None) -> None:
+        if not self.joint:
+            self._frozen.__exit__(None, None, None)
+            self._subnet = self._subnet % self.n + 1
+
+
 def train_step(net: TaggedNet, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                config: SteppingConfig, teacher_logits: torch.Tensor | None = None,
                correct: list[int] | None = None) -> list[float]:
-    """One batch for every subnet (ascending), with weight-update suppression. Returns losses.
+    """One batch for every subnet (ascending), with weight-update suppression, outside the
+    training loop (:class:`SubnetTraining` is what the loop runs). Returns the subnets' losses.
 
     ``correct`` (one count per subnet), when given, is increased by each subnet's correct
-    predictions on this (training) batch: accuracy for progress reports at no extra pass. (In
-    the sequential schedule subnet j is counted after subnets 1..j-1 stepped on the batch.)
+    predictions on this (training) batch. (In the sequential schedule subnet j is counted after
+    subnets 1..j-1 stepped on the batch.)
     """
-    n = net.num_subnets
-    wd = config.weight_decay
-    if config.schedule == "joint":
-        weights, factor, decay = suppression_factors(config, n)
+    training = SubnetTraining(net, config, targets=lambda _x: teacher_logits)
+    for _ in range(training.steps_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        out = net.forward_all(x, straight_through=True)
-        _count_correct(correct, out.logits, y)
-        losses = [subnet_loss(lg, y, teacher_logits, config) for lg in out.logits]
-        sum(w * loss for w, loss in zip(weights, losses)).backward()
-        net.shape_gradients(factor, decay, wd)
+        training.loss(net, x, y).backward()
+        training.on_after_backward()
         optimizer.step()
-        return [float(loss.detach()) for loss in losses]
-    losses = []
-    beta = config.beta if config.suppression else 1.0
-    for j in range(1, n + 1):
-        optimizer.zero_grad(set_to_none=True)
-        logits = net(x, subnet=j, straight_through=True)
-        if correct is not None:
-            correct[j - 1] += int((logits.detach().argmax(1) == y).sum())
-        loss = subnet_loss(logits, y, teacher_logits, config)
-        loss.backward()
-
-        def scale(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # 0 for neurons outside subnet j
-            return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
-
-        def decay(tags: torch.Tensor, j: int = j) -> torch.Tensor:  # once per batch: in its own subnet's turn
-            return scale(tags) if config.decay_per_subnet else (tags == j).to(tags.dtype)
-
-        net.shape_gradients(scale, decay, wd)
-        with _frozen_above(net, j):  # momentum must not move weights subnet j does not use
-            optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+        training.on_batch_end()
+    if correct is not None:
+        for k, c in enumerate(training.correct):
+            correct[k] += c
+    return training.losses[-1]
 
 
 def _count_correct(correct: list[int] | None, logits: Sequence[torch.Tensor], y: torch.Tensor) -> None:
@@ -1166,7 +1221,7 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
         teacher = s.create(1.0).train()
         cfg = BaselineConfig(steps=teacher_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
         optimizer = sgd(teacher.parameters(), cfg)
-        run_steps(loss_step(lambda x, y: F.cross_entropy(teacher(x), y), optimizer), optimizer,
+        run_steps(teacher, lambda x, y: F.cross_entropy(teacher(x), y), optimizer,
                   batch_stream(s.train, s.batch_size, s.seed), teacher_steps, steplog, "teacher", s.progress)
         teacher.eval()
     remaining = s.steps - teacher_steps

@@ -15,7 +15,7 @@ from dyninfer import cost
 from dyninfer.checks import check_input, check_path, check_subnet  # noqa: F401  (re-exported for the baselines)
 from dyninfer.data import ImageSet
 from dyninfer.methods.budget import (  # noqa: F401  (the baselines' shared loop, re-exported)
-    BaselineConfig, StepLog, Supervision, batch_stream, loss_step, run_steps, sgd, split_steps,
+    BaselineConfig, StepLog, Supervision, batch_stream, run_steps, sgd, split_steps,
 )
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet, fold_module

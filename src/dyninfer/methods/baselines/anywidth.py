@@ -65,15 +65,13 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
                                    progress=cfg.progress)
     optimizer = stepping.make_optimizer(net, cfg.lr, scfg)  # weight decay is applied per tag in the step
 
-    supervision = Supervision(teacher, scfg.gamma, scfg.temperature)  # train_step mixes CE and KD as Eq. 4
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        return sum(stepping.train_step(net, x, y, optimizer, scfg, supervision.targets(x)))
+    supervision = Supervision(teacher, scfg.gamma, scfg.temperature)  # the step mixes CE and KD as Eq. 4
+    training = stepping.SubnetTraining(net, scfg, targets=supervision.targets)
 
     log = StepLog()
     net.train()
-    run_steps(step, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), cfg.steps, log, "joint",
-              cfg.progress)
+    run_steps(net, lambda x, y: training.loss(net, x, y), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+              cfg.steps, log, "joint", cfg.progress, callbacks=[training])
     net.eval()
     history = {"method": "anywidth", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                "multipliers": multipliers, "channels": counts, **log.as_dict()}

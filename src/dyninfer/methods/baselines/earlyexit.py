@@ -23,7 +23,7 @@ from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
     BaselineConfig, StepLog, Supervision, batch_stream, check_input, check_path, check_subnet, evaluate_subnets,
     input_shape_of,
-    loss_step, reference_of, run_steps, sgd,
+    reference_of, run_steps, sgd,
 )
 from dyninfer.nn.tagged import fold_sequential
 from dyninfer.runtime.session import AnytimeSession
@@ -223,7 +223,7 @@ def train(model: nn.Sequential, train_set: ImageSet, config: EarlyExitConfig | N
 
     log = StepLog()
     net.train()
-    run_steps(loss_step(loss_fn, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+    run_steps(net, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
               cfg.steps, log, "joint", cfg.progress)
     net.eval()
     net.history = {"method": "earlyexit", "config": cfg.to_dict(), "batch_size": cfg.batch_size,

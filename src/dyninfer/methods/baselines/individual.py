@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, SubnetList, Supervision, batch_stream, input_shape_of, loss_step, reference_of, run_steps, sgd,
+    BaselineConfig, StepLog, SubnetList, Supervision, batch_stream, input_shape_of, reference_of, run_steps, sgd,
     split_steps,
 )
 from dyninfer.methods.baselines.slimmable import build
@@ -55,8 +55,8 @@ def reinitialise(model: nn.Module) -> nn.Module:
     return model
 
 
-def _ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, supervision: Supervision):
-    return loss_step(lambda x, y: supervision.loss(model(x), y, supervision.targets(x)), optimizer)
+def _ce_loss(model: nn.Module, supervision: Supervision):
+    return lambda x, y: supervision.loss(model(x), y, supervision.targets(x))
 
 
 def train_individual(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float],
@@ -78,7 +78,7 @@ def train_individual(model: nn.Sequential, train_set: ImageSet, budgets: Sequenc
         torch.manual_seed(cfg.seed + k)
         narrow = reinitialise(tagged.dense(k, fold_bn=False)).train()
         optimizer = sgd(narrow.parameters(), cfg)
-        run_steps(_ce_step(narrow, optimizer, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), steps,
+        run_steps(narrow, _ce_loss(narrow, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), steps,
                   log, f"subnet-{k}", cfg.progress)
         subnets.append(narrow.eval())
     history = {"method": "individual", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
@@ -113,7 +113,7 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
     torch.manual_seed(cfg.seed)
     model.train()
     optimizer = sgd(model.parameters(), cfg)
-    run_steps(_ce_step(model, optimizer, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+    run_steps(model, _ce_loss(model, supervision), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
               cfg.steps - finetune, log, "full", cfg.progress)
     model.eval()
     subnets, counts, multipliers = slice_subnets(model, budgets, shape, reference)
@@ -125,7 +125,7 @@ def train_sliced(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[fl
                 p.requires_grad_(p is classifier.weight or p is classifier.bias)
             subnet.train()  # BN statistics follow the slice; its affine parameters are frozen
             optimizer = sgd(classifier.parameters(), cfg, cfg.finetune_lr)
-            run_steps(_ce_step(subnet, optimizer, supervision), optimizer,
+            run_steps(subnet, _ce_loss(subnet, supervision), optimizer,
                       batch_stream(train_set, cfg.batch_size, cfg.seed + k), steps, log, f"finetune-{k}",
                       cfg.progress)
             for p in subnet.parameters():

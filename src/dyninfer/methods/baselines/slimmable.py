@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, Supervision, batch_stream, evaluate_subnets, input_shape_of, loss_step,
+    BaselineConfig, StepLog, Supervision, batch_stream, evaluate_subnets, input_shape_of,
     match_prefix_counts, reference_of, run_steps, sgd,
 )
 from dyninfer.methods.face import TaggedSubnets
@@ -93,7 +93,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
         return sum(supervision.loss(net(x, k), y, targets) for k in range(1, n + 1))
 
     net.train()
-    run_steps(loss_step(loss_fn, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+    run_steps(net, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
               cfg.steps, log, "joint", cfg.progress)
     net.eval()
     history = {"method": "slimmable", "config": cfg.to_dict(), "batch_size": cfg.batch_size,

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
-    BaselineConfig, StepLog, Supervision, batch_stream, input_shape_of, loss_step, prefix_counts, recalibrate_bn,
+    BaselineConfig, StepLog, Supervision, batch_stream, input_shape_of, prefix_counts, recalibrate_bn,
     reference_of, run_steps, sgd,
 )
 from dyninfer.methods.baselines.slimmable import SlimmableNet, build
@@ -94,7 +94,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
 
     log = StepLog()
     sampler.train()
-    run_steps(loss_step(loss_fn, optimizer), optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
+    run_steps(sampler, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
               cfg.steps, log, "sandwich", cfg.progress)
 
     net = deploy(model, train_set, budgets, cfg, reference_macs=reference)
