@@ -447,8 +447,8 @@ def test_interrupted_construction_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         construct(model, data, budgets, cfg, reference_macs=full, checkpoint=stem)
     monkeypatch.setattr(stepping, "_move_round", real_move)
-    real_step, steps = stepping.train_step, []
-    monkeypatch.setattr(stepping, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    real_loss, steps = stepping.SubnetTraining.loss, []  # one call per batch (joint schedule)
+    monkeypatch.setattr(stepping.SubnetTraining, "loss", lambda *a, **k: steps.append(1) or real_loss(*a, **k))
     resumed = construct(model, data, budgets, cfg, reference_macs=full, checkpoint=stem)
 
     done = len(straight.history["iterations"])
@@ -473,19 +473,19 @@ def test_interrupted_retraining_resumes_exactly(tmp_path, monkeypatch):
     straight, interrupted = copy.deepcopy(built), copy.deepcopy(built)
     straight.retrain(data, teacher=model)
 
-    real_step, steps = stepping.train_step, []
+    real_loss, steps = stepping.SubnetTraining.loss, []  # one call per batch (joint schedule)
 
     def crash_in_epoch_two(*args, **kwargs):
         steps.append(1)
         if len(steps) == 5:  # 3 batches per epoch: dies in the middle of epoch 2
             raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(stepping, "train_step", crash_in_epoch_two)
+    monkeypatch.setattr(stepping.SubnetTraining, "loss", crash_in_epoch_two)
     stem = tmp_path / "retrain"
     with pytest.raises(KeyboardInterrupt):
         interrupted.retrain(data, teacher=model, checkpoint=stem)
-    monkeypatch.setattr(stepping, "train_step", real_step)
+    monkeypatch.setattr(stepping.SubnetTraining, "loss", real_loss)
     resumed = copy.deepcopy(built)  # a fresh process: the constructed net, then the checkpoint
     log = resumed.retrain(data, teacher=model, checkpoint=stem)
     assert [e["epoch"] for e in log] == [1, 2, 3]

@@ -172,6 +172,7 @@ class TrainerState:
     rank: int = 0
     world_size: int = 1
     stop: bool = False
+    postfix: str | None = None  # a callback's status line for the progress bar (step mode)
 
     def sync_buffers(self) -> None:
         """Make every rank's buffers (BN statistics, tags, masks) rank 0's; a no-op in one process."""
@@ -775,7 +776,7 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
     show = config.progress and lead
     model.train()
     sums: dict[str, Tensor] = {}
-    seen_n, t0 = 0, time.perf_counter()
+    seen_n, t0, shown = 0, time.perf_counter(), None
     bar = progress.bar(total=total, initial=state.step, desc=desc or "train", enabled=show)
     while state.step < total and not state.stop:
         factor = lr_factor(config, state.step, total) * _warmup(config, state.step)
@@ -809,7 +810,11 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
             sums["__correct__"] = sums.get("__correct__", 0) + (logits.detach().argmax(dim=1) == y).sum()
         _call(callbacks, "on_batch_end", state)
         bar.update()
-        if show and state.step % config.log_every == 0:
+        if show and state.postfix is not None:
+            if state.postfix != shown:
+                bar.set_postfix_str(state.postfix)
+                shown = state.postfix
+        elif show and state.step % config.log_every == 0:
             bar.set_postfix(loss=f"{state.loss.item():.4f}")
         if state.step % every and state.step < total and not state.stop:
             continue

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from dyninfer import checkpoint as ckpt
 from dyninfer import progress
 from dyninfer.checks import check_path, check_subnet
-from dyninfer.data import ImageSet
+from dyninfer.data import BatchStream, ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import (
     BaselineConfig, StepLog, batch_stream, distilled_loss, run_steps, sgd,
@@ -39,7 +39,7 @@ from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.bench import bench_setting
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
-from dyninfer.train import FrozenTeacher, derive_seed, kd_loss as shared_kd_loss
+from dyninfer.train import FrozenTeacher, TrainConfig, derive_seed, fit, kd_loss as shared_kd_loss
 
 SCHEDULES = ("joint", "sequential")
 UNMEASURED = ("wait", "paper")
@@ -790,8 +790,6 @@ class SteppingNet(TaggedSubnets, nn.Module):
         if cfg.distillation and teacher is not None:
             use_teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         optimizer = make_optimizer(self.net, cfg.retrain_lr, cfg)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
         log: list[dict] = []
         origin = {}
         if checkpoint is not None:  # what the checkpoint must belong to: this net as found, data, teacher
@@ -802,7 +800,6 @@ class SteppingNet(TaggedSubnets, nn.Module):
         if checkpoint is not None and resume and ckpt.exists(checkpoint):
             state = _restore(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
                              RETRAIN_FIELDS, origin)
-            scheduler.load_state_dict(state["scheduler"])
             log = state["log"]
             if len(log) >= epochs:
                 warnings.warn(f"retraining checkpoint {checkpoint} is complete ({epochs} epochs); "
@@ -811,30 +808,15 @@ class SteppingNet(TaggedSubnets, nn.Module):
                 return log
             if cfg.progress:
                 progress.write(f"resuming retraining from {checkpoint} after epoch {len(log)}")
-        self.net.train()
-        bar = progress.bar(total=epochs * steps_per_epoch, initial=len(log) * steps_per_epoch, desc="retrain",
-                           enabled=cfg.progress)
-        with torch.random.fork_rng():
-            for epoch in range(len(log), epochs):
-                start, losses = time.perf_counter(), []
-                torch.manual_seed(derive_seed(cfg.seed, epoch, "retrain-torch"))
-                order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "retrain-data"))
-                for x, y in train.batches(cfg.batch_size, shuffle=True, augment=True, generator=order):
-                    bar.update()
-                    t_logits = use_teacher(x) if use_teacher is not None else None
-                    losses.append(train_step(self.net, x, y, optimizer, cfg, t_logits))
-                    scheduler.step()
-                entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - start,
-                         "loss": [sum(c) / len(c) for c in zip(*losses)]}
-                if test is not None:
-                    entry["test_top1"] = self.evaluate(test)
-                    self.net.train()
-                log.append(entry)
-                if checkpoint is not None:
-                    _save_checkpoint(checkpoint, "stepping-retraining", self.net, optimizer, cfg, self.budgets,
-                                     {**origin, "log": log, "scheduler": scheduler.state_dict()})
-                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"]))
-        bar.close()
+        epochs_loop = _RetrainingEpochs(self, train, test, cfg, epochs, optimizer, use_teacher, checkpoint, origin, log)
+        per_epoch = epochs_loop.batches_per_epoch * epochs_loop.training.steps_per_batch
+        if len(log) < epochs:
+            loop = TrainConfig(steps=epochs * per_epoch, batch_size=cfg.batch_size, schedule="none", seed=cfg.seed,
+                               progress=cfg.progress, checkpoint_every=per_epoch)
+            with torch.random.fork_rng():  # seeded per epoch; leave the caller's RNG as it was
+                fit(self.net, train, loop, loss_fn=epochs_loop.training.loss, optimizer=optimizer,
+                    batches=epochs_loop.training.repeat(epochs_loop), callbacks=[epochs_loop.training, epochs_loop],
+                    start_step=len(log) * per_epoch, desc="retrain")
         self.net.eval()
         self.history.setdefault("retrain", []).extend(log)
         return log
@@ -914,56 +896,27 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     # The paper's fixed amount per iteration, from the expanded network's MACs (also on resume).
     amount = max(history["expanded_macs"] - limits[0], 0) / cfg.iterations
     carried = _carried(net, history)
-    total_steps = cfg.iterations * cfg.batches_per_iteration
     first = len(history["iterations"])
     if first and cfg.progress:
         progress.write(f"resuming construction from {checkpoint} after iteration {first}"
-                   + (" (budgets already met)" if history["budgets_met"] else ""))
+                       + (" (budgets already met)" if history["budgets_met"] else ""))
 
     def meets(macs):
         return all(m <= lim for m, lim in zip(macs, limits))
 
     def stream(*key):
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, *key, "data"))
-        return _endless(train, cfg.batch_size, generator)
+        return BatchStream(train, cfg.batch_size, derive_seed(cfg.seed, *key, "data"))
 
-    bar = progress.bar(range(first, cfg.iterations), initial=first, total=cfg.iterations, desc="construct",
-                       enabled=cfg.progress)
-    with torch.random.fork_rng():  # seed per iteration; leave the caller's RNG as it was
-        for it in bar:
-            if history["budgets_met"]:
-                break
-            started = time.perf_counter()
-            torch.manual_seed(derive_seed(cfg.seed, it, "torch"))
-            batches = stream(it)
-            net.train()
-            correct, seen, losses = [0] * net.num_subnets, 0, []
-            for b in range(cfg.batches_per_iteration):
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.construction_lr(it * cfg.batches_per_iteration + b, total_steps)
-                x, y = next(batches)
-                losses.append(train_step(net, x, y, optimizer, cfg, correct=correct))
-                seen += len(y)
-            net.prune(cfg.prune_threshold)
-            macs = net.macs_per_subnet()
-            entry = {"iteration": it + 1, "macs": [m / reference for m in macs],
-                     "loss": [sum(c) / len(c) for c in zip(*losses)], "train_acc": [c / seen for c in correct]}
-            if meets(macs):
-                history["budgets_met"] = True
-            else:
-                entry.update(_move_round(net, [next(batches) for _ in range(cfg.importance_batches)], cfg,
-                                         limits, amount, max(1, math.ceil(MOVE_SHARE * cfg.iterations) - it),
-                                         carried))
-                history["carried_scores"] = [c.tolist() for c in carried]
-            history["iterations"].append(entry)
-            history["construction_seconds"] += time.perf_counter() - started
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, "stepping-construction", net, optimizer, cfg, budgets, history)
-            bar.set_postfix_str("MACs/budget " + " ".join(f"{m / reference:.2f}/{b:.2f}" for m, b in
-                                                          zip(net.macs_per_subnet(), budgets))
-                                + " | train acc " + " ".join(f"{100 * a:.0f}" for a in entry["train_acc"])
-                                + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
-    bar.close()
+    rounds = _ConstructionRounds(net, cfg, history, limits, budgets, reference, amount, carried, optimizer,
+                                 stream, meets, checkpoint)
+    if first < cfg.iterations and not history["budgets_met"]:
+        per_iteration = cfg.batches_per_iteration * rounds.training.steps_per_batch
+        loop = TrainConfig(steps=cfg.iterations * per_iteration, batch_size=cfg.batch_size, schedule="none",
+                           seed=cfg.seed, progress=cfg.progress, checkpoint_every=per_iteration)
+        with torch.random.fork_rng():  # seeded per iteration; leave the caller's RNG as it was
+            fit(net, train, loop, loss_fn=rounds.training.loss, optimizer=optimizer,
+                batches=rounds.training.repeat(rounds), callbacks=[rounds.training, rounds],
+                start_step=first * per_iteration, desc="construct")
 
     trims = 0
     while not meets(net.macs_per_subnet()):  # N_t reached: finish the moves without training
@@ -1008,6 +961,131 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                               enumerate(net.reachable())]
     net.eval()
     return SteppingNet(net, budgets, reference, cfg, history)
+
+
+class _RetrainingEpochs:
+    """Eq. 4's retraining epochs as callbacks of the one training loop: epoch e's batch order and
+    random state derive from (seed, e), the LR anneals by a cosine over every batch of every
+    epoch, and each epoch ends with a record (test accuracy of every subnet when ``test`` is
+    given) and a checkpoint (rank 0)."""
+
+    def __init__(self, stepped: "SteppingNet", train: ImageSet, test: ImageSet | None, cfg: SteppingConfig,
+                 epochs: int, optimizer, teacher, checkpoint, origin: dict, log: list[dict]):
+        self.stepped, self.train, self.test, self.cfg, self.epochs = stepped, train, test, cfg, epochs
+        self.optimizer, self.checkpoint, self.origin, self.log = optimizer, checkpoint, origin, log
+        self.training = SubnetTraining(stepped.net, cfg, targets=teacher)
+        self.batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.batches = None
+        self.started = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.batches)
+
+    def on_batch_start(self, state) -> None:
+        cfg, t = self.cfg, self.training
+        b = state.step // t.steps_per_batch
+        epoch, within = divmod(b, self.batches_per_epoch)
+        if within == 0 and state.step % t.steps_per_batch == 0:  # an epoch starts
+            self.started = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, epoch, "retrain-torch"))
+            order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, "retrain-data"))
+            self.batches = iter(self.train.batches(cfg.batch_size, shuffle=True, augment=True, generator=order))
+            t.correct, t.seen, t.losses = [0] * t.n, 0, []
+        total = max(1, self.epochs * self.batches_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.retrain_lr * 0.5 * (1 + math.cos(math.pi * b / total))
+
+    def on_batch_end(self, state) -> None:
+        t, net = self.training, self.stepped.net
+        if state.step % (self.batches_per_epoch * t.steps_per_batch):
+            return
+        epoch = state.step // (self.batches_per_epoch * t.steps_per_batch)
+        entry = {"epoch": epoch, "seconds": time.perf_counter() - self.started,
+                 "loss": [sum(c) / len(c) for c in zip(*t.losses)]}
+        if self.test is not None:
+            state.sync_buffers()
+            entry["test_top1"] = self.stepped.evaluate(self.test)
+            net.train()
+        self.log.append(entry)
+        if self.checkpoint is not None and state.rank == 0:
+            _save_checkpoint(self.checkpoint, "stepping-retraining", net, self.optimizer, self.cfg,
+                             self.stepped.budgets, {**self.origin, "log": self.log})
+        state.postfix = f"epoch {epoch}/{self.epochs} loss " + " ".join(f"{v:.3f}" for v in entry["loss"])
+
+
+class _ConstructionRounds:
+    """Fig. 3's iterations as callbacks of the one training loop: each iteration's batches come
+    from a stream seeded by (seed, iteration) and its random state from (seed, iteration), so a
+    resumed construction repeats nothing; the construction LR is set per batch; at the end of an
+    iteration: prune, move neurons (or stop once every budget is met), checkpoint (rank 0).
+
+    Under torchrun every rank scores the same importance batches on the same weights and rank 0's
+    buffers (BN statistics, then the moved tags and masks) are broadcast around each move, so all
+    ranks hold one network.
+    """
+
+    def __init__(self, net, cfg, history, limits, budgets, reference, amount, carried, optimizer, stream, meets,
+                 checkpoint):
+        self.net, self.cfg, self.history, self.limits, self.budgets = net, cfg, history, limits, budgets
+        self.reference, self.amount, self.carried, self.optimizer = reference, amount, carried, optimizer
+        self.stream_of, self.meets, self.checkpoint = stream, meets, checkpoint
+        self.training = SubnetTraining(net, cfg)
+        self.batches: BatchStream | None = None
+        self.started = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):  # the current iteration's training batches
+        return next(self.batches)
+
+    def _batch(self, state) -> int:
+        return state.step // self.training.steps_per_batch
+
+    def on_batch_start(self, state) -> None:
+        cfg = self.cfg
+        b = self._batch(state)
+        it, within = divmod(b, cfg.batches_per_iteration)
+        if within == 0 and state.step % self.training.steps_per_batch == 0:  # an iteration starts
+            self.started = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, it, "torch"))
+            self.batches = self.stream_of(it)
+            self.net.train()
+            t = self.training
+            t.correct, t.seen, t.losses = [0] * t.n, 0, []
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.construction_lr(b, cfg.iterations * cfg.batches_per_iteration)
+
+    def on_batch_end(self, state) -> None:
+        cfg, net, history, t = self.cfg, self.net, self.history, self.training
+        if state.step % (cfg.batches_per_iteration * t.steps_per_batch):
+            return
+        it = self._batch(state) // cfg.batches_per_iteration - 1  # the iteration that just ended
+        net.prune(cfg.prune_threshold)
+        macs = net.macs_per_subnet()
+        entry = {"iteration": it + 1, "macs": [m / self.reference for m in macs],
+                 "loss": [sum(c) / len(c) for c in zip(*t.losses)], "train_acc": [c / t.seen for c in t.correct]}
+        if self.meets(macs):
+            history["budgets_met"] = True
+            state.stop = True
+        else:
+            state.sync_buffers()  # every rank scores with rank 0's BN statistics
+            entry.update(_move_round(net, [next(self.batches) for _ in range(cfg.importance_batches)], cfg,
+                                     self.limits, self.amount,
+                                     max(1, math.ceil(MOVE_SHARE * cfg.iterations) - it), self.carried))
+            state.sync_buffers()  # and holds rank 0's tags and masks
+            history["carried_scores"] = [c.tolist() for c in self.carried]
+        history["iterations"].append(entry)
+        history["construction_seconds"] += time.perf_counter() - self.started
+        if self.checkpoint is not None and state.rank == 0:
+            _save_checkpoint(self.checkpoint, "stepping-construction", net, self.optimizer, cfg, self.budgets, history)
+        state.postfix = ("MACs/budget " + " ".join(f"{m / self.reference:.2f}/{b:.2f}" for m, b in
+                                                   zip(net.macs_per_subnet(), self.budgets))
+                         + " | train acc " + " ".join(f"{100 * a:.0f}" for a in entry["train_acc"])
+                         + " | loss " + " ".join(f"{v:.2f}" for v in entry["loss"]))
 
 
 def _fingerprint(module: nn.Module) -> str:
@@ -1113,11 +1191,6 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
     return {"moved": moved,
             "dropped_zero_score": sum(int((raw[g][d] == 0).sum()) for g, d in enumerate(dropped)),
             "dropped_unmeasured": sum(int((~reach[g][d]).sum()) for g, d in enumerate(dropped))}
-
-
-def _endless(data: ImageSet, batch_size: int, generator: torch.Generator):
-    while True:
-        yield from data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=len(data) >= batch_size)
 
 
 # ---------------------------------------------------------------------------- in the comparison harness
