@@ -73,3 +73,105 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2] and all("test_top1" in r for r in lines)
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     assert (tmp_path / "rank1.history").read_text() == "2"
+
+
+def _torchrun(script, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+STEP_WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    from torch import nn
+    from dyninfer.data import ImageSet
+    from dyninfer.train import TrainConfig, fit
+
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(100 + rank)  # different inits: the step mode must start from rank 0's
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (40, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(40) % 2,
+                    num_classes=2, augmentation="crop-flip")
+    torch.manual_seed(100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    fit(model, data, TrainConfig(steps=7, batch_size=8, seed=3, progress=False), optimizer=opt)
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+''')
+
+
+def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path):
+    """Each rank trains on half of every batch and the gradients are averaged: without BatchNorm
+    that is the one-process step on the whole batch, up to float rounding."""
+    from torch import nn
+
+    from dyninfer.data import ImageSet
+    from dyninfer.train import TrainConfig, fit
+
+    script = tmp_path / "worker.py"
+    script.write_text(STEP_WORKER)
+    _torchrun(script, tmp_path)
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+    torch.manual_seed(100)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 2))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (40, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(40) % 2,
+                    num_classes=2, augmentation="crop-flip")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    fit(model, data, TrainConfig(steps=7, batch_size=8, seed=3, progress=False), optimizer=opt, distributed=False)
+    for k in w0:
+        assert not torch.allclose(initial[k], w0[k], atol=1e-3), k  # training moved it
+        torch.testing.assert_close(w0[k], model.state_dict()[k], atol=1e-5, rtol=1e-4)
+
+
+CLI_WORKER = textwrap.dedent('''
+    import os, shutil, sys
+    from dyninfer import cli, launch
+
+    keep = sys.argv[1]
+    real_close = launch.Ranks.close
+
+    def close(self):  # keep what each rank > 0 wrote in its private copy, for the test to compare
+        if self._private is not None:
+            shutil.copytree(self._private, os.path.join(keep, f"rank{self.rank}"))
+        real_close(self)
+
+    launch.Ranks.close = close
+    sys.exit(cli.main(sys.argv[2:]))
+''')
+
+
+def test_torchrun_runs_construct_and_a_baseline_data_parallel(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "cli_worker.py"
+    script.write_text(CLI_WORKER)
+    out = tmp_path / "construct"
+    proc = _torchrun(script, tmp_path / "kept-construct", "construct", "--model", "lenet-5", "--data", "digits",
+                     "--budgets", "0.3,0.6,0.9", "--iterations", "3", "--batches-per-iteration", "2",
+                     "--batch-size", "32", "--retrain-epochs", "1", "--out", out, "--quiet")
+    assert proc.stdout.count("accuracy A_k") == 1  # rank 0 prints; rank 1 is silent
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["history"]["world_size"] == 2
+    assert not any(p.name.startswith("rank") for p in out.iterdir())
+    mine, theirs = load_file(out / "stepping.safetensors"), load_file(tmp_path / "kept-construct/rank1/stepping.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    out = tmp_path / "compare"
+    _torchrun(script, tmp_path / "kept-compare", "compare", "--model", "lenet-5", "--data", "digits",
+              "--methods", "slimmable", "--steps", "6", "--batch-size", "32", "--latency-repeats", "0",
+              "--out", out, "--quiet")
+    ours = json.loads((out / "compare.json").read_text())["methods"]["slimmable"]
+    other = json.loads((tmp_path / "kept-compare/rank1/compare.json").read_text())["methods"]["slimmable"]
+    assert ours["counted_optimizer_steps"] == 6
+    assert ours["weights_fingerprint"] == other["weights_fingerprint"]

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ import torch
 
 from dyninfer import argtypes, runs
 from dyninfer.data import canonical_name
+from dyninfer.launch import Ranks
 from dyninfer.methods.registry import DEFAULT_EXPANSION
 
 COMMAND_MODULES = ("dyninfer.methods.lcnet_commands", "dyninfer.methods.nonuniform_commands",
@@ -375,20 +377,33 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     created = out is not None and not Path(out).exists()
+    ranks = None
     try:
+        ranks = Ranks()  # under torchrun: one process group for the command; rank 0 owns --out
         if isinstance(getattr(args, "data", None), str):  # one spelling from here on: DIGITS -> digits
             args.data = canonical_name(args.data)
         if out is None:
             return args.func(args)
+        if not ranks.lead:  # works in a private copy of --out; only rank 0 writes there and prints
+            args.out = str(ranks.private_copy(out))
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # rank 0 tells the user
+                return args.func(args)
         # every command with --out writes there: check it before any work, and hold its lock
         runs.prepare_out(out)
         with runs.lock(out, args.command):
+            ranks.release(True)
             return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"dyninfer {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        left = list(Path(out).iterdir()) if created and Path(out).is_dir() else None
+        if ranks is not None:
+            if ranks.lead:
+                ranks.release(False)  # a no-op once released; else the others stop instead of waiting
+            ranks.close()
+        lead = ranks is None or ranks.lead
+        left = list(Path(out).iterdir()) if lead and created and Path(out).is_dir() else None
         if left is not None and all(f.name == runs.LOCK_NAME for f in left):
             with contextlib.suppress(OSError):  # a run refused before its work leaves no folder behind
                 for f in left:

@@ -1079,6 +1079,7 @@ class _ConstructionRounds:
             state.sync_buffers()  # and holds rank 0's tags and masks
             history["carried_scores"] = [c.tolist() for c in self.carried]
         history["iterations"].append(entry)
+        history["world_size"] = state.world_size  # ranks training data-parallel (torchrun)
         history["construction_seconds"] += time.perf_counter() - self.started
         if self.checkpoint is not None and state.rank == 0:
             _save_checkpoint(self.checkpoint, "stepping-construction", net, self.optimizer, cfg, self.budgets, history)
