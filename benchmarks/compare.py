@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings["threads"])
 
     from dyninfer import compare, report
-    from dyninfer.compare_commands import parse_options
+    from dyninfer.cli.compare import parse_options
 
     try:
         options = parse_options(args.options)
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     teacher = None
     if args.teacher:
-        from dyninfer.cli import _load_trained
+        from dyninfer.cli.common import load_trained
 
-        teacher, _ = _load_trained(Path(args.teacher))
+        teacher, _ = load_trained(Path(args.teacher))
 
     command = " ".join(["python", "benchmarks/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     machine = report.machine()

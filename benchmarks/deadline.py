@@ -23,7 +23,7 @@ import torch
 
 from dyninfer import report
 from dyninfer.runtime import predict
-from dyninfer.runtime.commands import load_run
+from dyninfer.cli.runtime import load_run
 from dyninfer.runtime.latency import calibrate
 
 ROOT = Path(__file__).resolve().parent

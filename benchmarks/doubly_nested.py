@@ -23,7 +23,7 @@ import torch
 
 from dyninfer import compare, data, report
 from dyninfer.methods import doubly_nested as dn
-from dyninfer.methods.doubly_nested_commands import write_table
+from dyninfer.cli.dnn import write_table
 from dyninfer.runtime.timing import interleaved, summarize
 
 ROOT = Path(__file__).resolve().parent

@@ -23,7 +23,7 @@ import torch
 
 from dyninfer import compare, data, models, report
 from dyninfer.methods import nonuniform
-from dyninfer.methods.nonuniform_commands import plot_widths
+from dyninfer.cli.nonuniform import plot_widths
 from dyninfer.runtime.timing import interleaved, summarize
 
 ROOT = Path(__file__).resolve().parent

@@ -29,7 +29,7 @@ from torch.profiler import profile as torch_profile
 from dyninfer import models, report
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime import bench
-from dyninfer.runtime.commands import load_run
+from dyninfer.cli.runtime import load_run
 from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.session import Session
 from dyninfer.runtime.timing import num_threads

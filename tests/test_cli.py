@@ -141,13 +141,13 @@ def test_a_refused_run_leaves_no_folder_and_a_bad_out_is_named(capsys, tmp_path)
 def test_a_library_warning_reaches_the_user_as_one_line(capsys, monkeypatch):
     import warnings
 
-    from dyninfer import cli
+    from dyninfer.cli import train as train_commands
 
     def warns(args):
         warnings.warn("construction reached N_t=4 iterations before every budget was met", stacklevel=2)
         return 0
 
-    monkeypatch.setattr(cli, "cmd_info", warns)
+    monkeypatch.setattr(train_commands, "cmd_info", warns)
     code, _, err = run(capsys, "info", "lenet-5")
     assert code == 0
     assert err == "dyninfer info: notice: construction reached N_t=4 iterations before every budget was met\n"

@@ -9,7 +9,7 @@ import torch
 
 from dyninfer import compare, data
 from dyninfer.methods import stepping
-from dyninfer.compare_commands import add_commands
+from dyninfer.cli.compare import add_commands
 
 SHAPE = (1, 8, 8)
 STEPS, BATCH = 10, 32

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dyninfer import cost, models
 from dyninfer.data import synthetic
 from dyninfer.methods import lcnet
-from dyninfer.methods.lcnet_commands import add_commands
+from dyninfer.cli.lcnet import add_commands
 from dyninfer.nn.gates import BlockGate, SaliencyActivation, leaky_relu1, relu1
 
 

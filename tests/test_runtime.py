@@ -16,7 +16,7 @@ from dyninfer.methods.stepping import SteppingNet
 from dyninfer.nn.tagged import TaggedSequential
 from dyninfer.runtime import compact, latency, predict
 from dyninfer.runtime import simulate as sim
-from dyninfer.runtime.commands import add_commands
+from dyninfer.cli.runtime import add_commands
 
 SHAPE = (1, 8, 8)
 N = 3

@@ -592,7 +592,7 @@ def test_construction_uses_its_budgets_and_moves_no_unmeasured_neuron():
 
 def test_the_demos_reuse_check_counts_what_steps_execute(monkeypatch):
     """check_reuse passes a session that reuses its cache and refuses one that recomputes."""
-    from dyninfer.cli import check_reuse
+    from dyninfer.cli.stepping import check_reuse
     from dyninfer.methods.stepping import SteppingNet
     from dyninfer.runtime.session import Session
 

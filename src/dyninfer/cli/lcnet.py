@@ -16,14 +16,16 @@ from typing import Any
 import torch
 
 from dyninfer import argtypes, runs
+from dyninfer import checkpoint, data, models, report
+from dyninfer.data import canonical_name
+from dyninfer.methods import lcnet
+from dyninfer.methods.lcnet import MODES, PRETRAINED_CONTROL_LR, PRETRAINED_LR
 
 __all__ = ["add_commands", "cmd_train", "cmd_eval", "write_plots"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``lcnet train`` and ``lcnet eval`` under ``subparsers``."""
-    from dyninfer.methods.lcnet import MODES, PRETRAINED_CONTROL_LR, PRETRAINED_LR
-
     group = subparsers.add_parser("lcnet", help="LC-Net: per-input block and channel skipping (Xia et al.)")
     sub = group.add_subparsers(dest="lcnet_command", required=True, metavar="ACTION")
 
@@ -59,10 +61,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pretrained_backbone(run: Path, data_name: str):
-    from dyninfer import checkpoint, models
 
     meta = runs.read_meta(run, "train")
-    from dyninfer.data import canonical_name
 
     if canonical_name(str(meta.get("data"))) != canonical_name(data_name):
         raise ValueError(f"--pretrained {run} was trained on {meta.get('data')!r}, not on --data {data_name!r}")
@@ -73,8 +73,6 @@ def _pretrained_backbone(run: Path, data_name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dyninfer import data, models
-    from dyninfer.methods import lcnet
 
     resnets = [m for m in models.list_models() if m.startswith("resnet")]
     if args.model not in resnets:  # before the data is read: nothing loaded, nothing written
@@ -119,8 +117,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dyninfer import data, report
-    from dyninfer.methods import lcnet
 
     run = Path(args.run)
     meta = runs.read_meta(run, "lcnet")

@@ -11,6 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
+from dyninfer import compare
+from dyninfer.cli.common import CLIError, load_trained
+from dyninfer.data import canonical_name
+
 EXAMPLE = ("dyninfer compare --model lenet-5 --data fashion-mnist "
            "--methods stepping,slimmable,us,anywidth,earlyexit,individual --budgets 0.15,0.3,0.6,0.85 "
            "--steps 2000 --out runs/cmp")
@@ -36,7 +40,6 @@ def parse_options(text: str | None) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dyninfer import compare
 
     budgets = _floats(args.budgets, "--budgets")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -45,10 +48,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         logging.getLogger("dyninfer.compare").setLevel(logging.INFO)
     teacher = None
     if args.teacher:
-        from dyninfer.cli import CLIError, _load_trained
-        from dyninfer.data import canonical_name
 
-        teacher, meta = _load_trained(Path(args.teacher))
+        teacher, meta = load_trained(Path(args.teacher))
         if canonical_name(meta["data"]) != canonical_name(args.data):
             raise CLIError(f"the teacher in {args.teacher} was trained on {meta['data']}, not {args.data}")
     record = compare.run(args.model, args.data, methods=methods, budgets=budgets, steps=args.steps,
@@ -66,8 +67,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``compare`` on the ``dyninfer`` subparsers object."""
-    from dyninfer import compare
-
     p = subparsers.add_parser(
         "compare", help="compare dynamic-width methods and baselines at matched MACs and training budget",
         description="Train every method with the same budget (optimizer steps x batch size), data pipeline and "

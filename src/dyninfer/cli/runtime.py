@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes, data, export, runs
+from dyninfer import report
+from dyninfer.methods.stepping import SteppingNet
+from dyninfer.runtime import bench
+from dyninfer.runtime import simulate as sim
 from dyninfer.nn.tagged import TaggedNet
 
 
 def load_run(run: str | Path):
     """(SteppingNet, run meta) of a run directory made by `dyninfer construct` / `dyninfer demo`."""
-    from dyninfer.methods.stepping import SteppingNet
-
     run = Path(run)
     meta = runs.read_meta(run, "stepping")
     if not (run / "stepping.json").exists():
@@ -120,8 +122,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dyninfer import report
-    from dyninfer.runtime import bench
 
     net, _ = load_run(args.run)
     out = Path(args.out) if args.out else Path(args.run)
@@ -159,8 +159,6 @@ def _test_inputs(net, meta: dict, data_root: str | None, limit: int, seed: int):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from dyninfer import report
-    from dyninfer.runtime import simulate as sim
 
     net, meta = load_run(args.run)
     cnet = net.compact()
