@@ -244,3 +244,28 @@ def test_cli_train_table_select(tmp_path, capsys):
     assert "--latency" in capsys.readouterr().err
     assert main(["dnn", "select", str(out), "--max-memory=-1MB"]) == 2
     assert ">= 0" in capsys.readouterr().err
+
+
+def test_one_recorded_pass_tells_where_every_threshold_stops():
+    """calibrate's shortcut against the real thing: for thresholds between recorded confidences,
+    the stops and labels read from one full pass equal what real stopping sessions do."""
+    data = dy.data.synthetic(64, SHAPE, seed=4)
+    grid = dn.build(groups=2, depth=20, input_shape=SHAPE, seed=3)
+    dn.train(grid, data, dn.DoublyNestedConfig(steps=8, batch_size=32, lr=0.05))
+    grid.validate(data)
+    grid.eval()
+    path = grid.path()
+    x = torch.cat([xb for xb, _ in data.batches(64)])
+    conf, labels = grid.path_confidences(x, path, batch_size=24)
+    values = conf.flatten().sort().values
+    gaps = [(a + b) / 2 for a, b in zip(values[:-1].tolist(), values[1:].tolist()) if b - a > 1e-4]
+    thresholds = [0.0, 1.0] + gaps[:: max(1, len(gaps) // 6)]
+    stops_seen = set()
+    for t in thresholds:
+        pred, stop, macs = grid.predict_anytime(x, t, path)
+        recorded = grid.stops(conf, t)
+        assert torch.equal(recorded, stop), t
+        assert torch.equal(labels[torch.arange(len(x)), recorded], pred), t
+        assert torch.equal(torch.tensor(grid.path_costs(path))[recorded], macs), t
+        stops_seen.update(stop.tolist())
+    assert len(stops_seen) > 2  # the thresholds spread the stops over the path
