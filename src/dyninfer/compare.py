@@ -29,10 +29,15 @@ import torch.nn as nn
 
 import dyninfer
 from dyninfer import checkpoint as ckpt
-from dyninfer import export, report
+from dyninfer import cost, export, models, report
+from dyninfer import data as data_module
 from dyninfer.data import ImageSet
 from dyninfer.methods import baselines, nonuniform, stepping  # noqa: F401  (importing a method module registers it)
 from dyninfer.methods.registry import Setup, get_method, list_methods
+from dyninfer.methods.stepping import check_budgets
+from dyninfer.nn.tagged import fold_module
+from dyninfer.report import markdown_table
+from dyninfer.train import evaluate as evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,6 @@ def measure_latency(configs: dict[Any, tuple[Callable[[torch.Tensor], Any], nn.M
 # ---------------------------------------------------------------------------- the harness
 def _resolve_data(data, data_root=None) -> tuple[ImageSet, ImageSet]:
     if isinstance(data, str):
-        from dyninfer import data as data_module
 
         return data_module.load(data, root=data_root)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, ImageSet) for d in data):
@@ -161,8 +165,6 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
     from there instead of training that method again: a late failure loses one method at most.
     ``resume=False`` trains every method anew.
     """
-    from dyninfer import cost, models, report
-    from dyninfer.methods.stepping import check_budgets
 
     methods = _check_methods(methods)
     budgets = check_budgets(budgets)
@@ -201,7 +203,6 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         if scores.shape != (2, train.num_classes):
             raise ValueError(f"the teacher gives outputs of shape {tuple(scores.shape[1:])} per image; this data has "
                              f"{train.num_classes} classes")
-        from dyninfer.train import evaluate as evaluate_model
 
         teacher_record = {"name": teacher_name, "test_top1": float(evaluate_model(teacher, test)["top1"])}
 
@@ -377,7 +378,6 @@ class _PartialResults:
 
 
 def _fold(model: nn.Module) -> nn.Module:
-    from dyninfer.nn.tagged import fold_module
 
     return fold_module(model.eval())
 
@@ -388,7 +388,6 @@ def _pct(v: float | None) -> str:
 
 
 def markdown(record: dict) -> str:
-    from dyninfer.report import markdown_table
 
     budgets = record["budgets"]
     methods = record["methods"]
@@ -504,7 +503,6 @@ def plot(record: dict, path: str | Path) -> Path:
 
 def write(record: dict, out: str | Path, stem: str = "compare") -> list[Path]:
     """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` in ``out``."""
-    from dyninfer import report
 
     out = Path(out)
     md, js = report.write(out, stem, markdown(record), {**record, "files": None})

@@ -21,6 +21,7 @@ import torch.nn as nn
 from dyninfer.nn.tagged import fold_module
 from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.graph import CompactGraph
+from dyninfer.runtime.scripted import IncrementalScript
 
 
 def _compact_of(net):
@@ -128,7 +129,6 @@ def incremental(net, path: str | Path | None = None) -> torch.jit.ScriptModule:
 
     Saved to ``path`` when given; loading it needs only torch (``torch.jit.load``).
     """
-    from dyninfer.runtime.scripted import IncrementalScript
 
     cnet = _compact_of(net)
     if isinstance(cnet, CompactGraph):

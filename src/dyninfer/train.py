@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from dyninfer import checkpoint as ckpt
 from dyninfer import progress
 from dyninfer.data import BatchStream, ImageSet
+from dyninfer.nn.tagged import fold_module
 
 __all__ = ["TrainConfig", "TrainerState", "FrozenTeacher", "kd_loss", "evaluate", "fit", "lr_factor", "make_optimizer"]
 
@@ -210,7 +211,6 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from dyninfer.nn.tagged import fold_module
 
         net = fold_module(model).to(memory_format=torch.channels_last)
         self.net = net.eval().requires_grad_(False)

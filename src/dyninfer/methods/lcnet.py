@@ -62,6 +62,7 @@ from dyninfer.data import ImageSet
 from dyninfer.models.resnet import BasicBlock, Bottleneck
 from dyninfer.nn.gates import DEFAULT_SLOPE, BlockGate, relu1
 from dyninfer.train import TrainConfig, fit
+from dyninfer import models
 
 __all__ = [
     "MODES", "STRATEGIES", "LCNet", "LCTrainConfig", "LCRuntime", "LCEvaluation", "MacTable",
@@ -894,7 +895,6 @@ def evaluate(net: LCNet, data: ImageSet, batch_size: int = 256, mode: str | None
 
 def load(path: str | Path, mode: str | None = None) -> LCNet:
     """An LCNet saved by :func:`dyninfer.train.fit` / ``checkpoint.save_model`` at ``path``."""
-    from dyninfer import models
 
     _, meta = ckpt.load(path)
     cfg = meta.get("model")

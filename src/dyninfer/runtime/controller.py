@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from dyninfer.runtime.compaction import as_compact
+from dyninfer.runtime.latency import calibrate
 
 
 @dataclass
@@ -84,7 +85,6 @@ def predict(net, x: torch.Tensor, *, deadline_ms: float | None = None, budget_ma
     macs = _macs_of(net, cnet)
     step_macs = [macs[0]] + [b - a for a, b in zip(macs, macs[1:])]
     if deadline_ms is not None and model is None:
-        from dyninfer.runtime.latency import calibrate
 
         model = calibrate(cnet, batch=int(x.shape[0]))
 

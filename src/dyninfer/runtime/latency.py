@@ -20,6 +20,7 @@ import torch
 
 from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.timing import interleaved, session_path
+from dyninfer.report import machine
 
 _MEMORY: dict[tuple, "LatencyModel"] = {}
 
@@ -69,7 +70,6 @@ class LatencyModel:
 
 
 def _machine() -> dict:
-    from dyninfer.report import machine
 
     m = machine()
     return {"cpu": m.get("cpu"), "cores": m.get("cores"), "torch": m.get("torch")}

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from dyninfer.report import markdown_table
+from dyninfer.runtime.compaction import as_compact
 
 
 @dataclass
@@ -230,7 +232,6 @@ def simulate(trace: Trace, macs: Sequence[int], correct: torch.Tensor, deadlines
 
 def correctness(net, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(samples, subnets) bool: whether each subnet classifies each input correctly."""
-    from dyninfer.runtime.compaction import as_compact
 
     cnet = as_compact(net)
     out = []
@@ -253,7 +254,6 @@ def default_deadlines(trace: Trace, macs: Sequence[int]) -> list[float]:
 
 
 def markdown(result: dict) -> str:
-    from dyninfer.report import markdown_table
 
     rows = []
     for r in result["deadlines"]:

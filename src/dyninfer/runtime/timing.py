@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+from dyninfer.runtime.session import Session
 
 
 class SelfTimed:
@@ -78,7 +79,6 @@ def interleaved(configs: Mapping[str, Callable[[], object] | SelfTimed], *, repe
 
 def session_path(net, x: torch.Tensor) -> SelfTimed:
     """Self-timed run of the whole stepping path: start (subnet 1), then every step to the largest."""
-    from dyninfer.runtime.session import Session
 
     clock = time.perf_counter
 

@@ -28,6 +28,7 @@ from dyninfer.methods.baselines._common import (
 from dyninfer.nn.tagged import fold_sequential
 from dyninfer.runtime.session import AnytimeSession
 from dyninfer.methods.registry import Setup, register_method
+from dyninfer import cost
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,6 @@ class EarlyExitNet(nn.Module):
     def macs(self, path: str = "incremental") -> list[int]:
         """MACs of the trunk up to exit k plus exit k's head. Both paths execute exactly that for
         exit k's answer (a session stepping 1 -> k also ran heads 1..k-1: ``path_mac_fraction``)."""
-        from dyninfer import cost
 
         check_path(path)
         return [cost.macs(self._prefix(k), self.input_shape) for k in range(1, self.num_subnets + 1)]
@@ -137,7 +137,6 @@ class EarlyExitNet(nn.Module):
 
     def path_mac_fraction(self) -> float:
         """MACs of stepping from exit 1 to the last (whole trunk + every head passed) / original."""
-        from dyninfer import cost
 
         heads = sum(cost.macs(head, self._feature_shape(k)) for k, head in enumerate(self.heads, start=1))
         return (self.macs()[-1] + heads) / self.reference_macs

@@ -23,6 +23,7 @@ from dyninfer.methods.baselines._common import (
 )
 from dyninfer.methods.baselines.slimmable import build
 from dyninfer.methods.registry import Setup, register_method
+from dyninfer.models._common import init_weights
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ class SliceConfig(BaselineConfig):
 
 def reinitialise(model: nn.Module) -> nn.Module:
     """Fresh weights with the zoo's initialisation (a narrow copy starts from scratch)."""
-    from dyninfer.models._common import init_weights
 
     for m in model.modules():
         if m is not model and hasattr(m, "reset_parameters"):

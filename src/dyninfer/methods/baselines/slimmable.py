@@ -22,6 +22,7 @@ from dyninfer.methods.baselines._common import (
 from dyninfer.methods.face import TaggedSubnets
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.methods.registry import Setup, register_method
+from dyninfer.methods.stepping import check_budgets
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,6 @@ class SlimmableNet(TaggedSubnets, nn.Module):
 def build(model: nn.Sequential, budgets: Sequence[float], input_shape: Sequence[int], reference_macs: int,
           switchable_bn: bool = True) -> tuple[TaggedNet, list[list[int]], list[float]]:
     """The full-rule tagged net of ``model`` with widths matched to ``budgets``."""
-    from dyninfer.methods.stepping import check_budgets
 
     budgets = check_budgets(budgets)
     net = TaggedNet(model, len(budgets), input_shape, rule="full", switchable_bn=switchable_bn)
