@@ -61,6 +61,7 @@ from dyninfer import cost
 from dyninfer.data import ImageSet
 from dyninfer.models.resnet import BasicBlock, Bottleneck
 from dyninfer.nn.gates import DEFAULT_SLOPE, BlockGate, relu1
+from dyninfer.nn.tagged import fold_batchnorm
 from dyninfer.train import TrainConfig, fit
 from dyninfer import models
 
@@ -363,14 +364,9 @@ class _Conv:
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _Conv:
     if conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError("only plain convolutions (groups=1, dilation=1) can be folded")
-    var, mean = bn.running_var, bn.running_mean
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    bias = beta - mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    w = conv.weight * scale[:, None, None, None]
+    if bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded (track_running_stats=False)")
+    w, bias = fold_batchnorm(conv.weight, conv.bias, bn)  # the one fold every compaction uses
     return _Conv(w.detach().clone().contiguous(), bias.detach().clone(), tuple(conv.stride), tuple(conv.padding))
 
 
