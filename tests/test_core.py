@@ -2,6 +2,8 @@
 residual adds tie tag groups, and on residual networks stepping equals computing from scratch,
 exports equal the library, and reported MACs equal what torch's counter sees executed."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -329,3 +331,100 @@ def test_macs_per_subnet_at_once_equals_each_subnets_count(rule):
     net.prune(1e-5)
     assert net.macs_per_subnet() == [net.subnet_macs(subnet=k) for k in (1, 2, 3)]
     assert executed_macs(lambda: net.dense(2)(torch.randn(1, *SHAPE))) >= net.macs_per_subnet()[1]
+
+
+class PadBlock(nn.Module):
+    """A CIFAR "option A" block with the new channels padded at the END."""
+
+    def __init__(self, cin, cout, stride, pad=None):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.stride, self.pad = stride, pad if pad is not None else (0, 0, 0, 0, 0, cout - cin)
+
+    def forward(self, x):
+        h = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        s = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        return F.relu(h + (F.pad(s, self.pad) if any(self.pad) else s))
+
+
+class PadNet(nn.Module):
+    def __init__(self, pad=None):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.block1, self.block2 = PadBlock(8, 8, 1), PadBlock(8, 16, 2, pad)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.block2(self.block1(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_zero_padded_shortcut_converts_keeps_old_channels_first_and_counts_what_runs():
+    torch.manual_seed(0)
+    model = PadNet().eval()
+    warm_model = model.train()
+    with torch.no_grad():
+        warm_model(torch.randn(8, *SHAPE))
+    model.eval()
+    net = TaggedNet(model, 1, SHAPE).eval()
+    x = torch.randn(3, *SHAPE)
+    torch.testing.assert_close(net(x), model(x), atol=1e-5, rtol=1e-5)
+    pad = net.layers[-1]  # read last: the pad comes after block2's convolutions
+    assert not pad.weight.requires_grad and pad.weight.shape == (16, 8, 1, 1)
+    assert torch.equal(pad.weight[:8, :, 0, 0], torch.eye(8)) and not pad.weight[8:].any()  # old channels first
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert net.layer_group[-1] == net.layer_group[names.index("block2.c2")]  # the add ties pad and branch
+    # the pad runs as a 1x1 convolution over the 8x8 output: 8 x 16 x 64 MACs beyond the model's own
+    assert net.subnet_macs() == dy.cost.flop_counter_macs(model, SHAPE) + 8 * 16 * 64
+    assert net.subnet_macs() == executed_macs(lambda: net.dense(1)(x[:1]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_padded_shortcut_steps_equal_scratch_and_export_is_plain_torch(seed):
+    torch.manual_seed(seed)
+    net = TaggedNet(PadNet(), 3, SHAPE)
+    random_tags(net, seed)
+    warm(net, seed)
+    x = torch.randn(2, *SHAPE)
+    run = compact(net).start(x)
+    for k in range(1, 4):
+        scratch = net(x, subnet=k)
+        torch.testing.assert_close(run.logits, scratch, atol=1e-5, rtol=1e-4)
+        dense = net.dense(k)
+        assert all(type(m).__module__.startswith("torch") for m in dense.modules())
+        torch.testing.assert_close(dense(x), scratch, atol=1e-5, rtol=1e-4)
+        if run.can_step():
+            run.step()
+
+
+def test_training_leaves_the_zero_pad_frozen():
+    torch.manual_seed(0)
+    data = dy.data.synthetic(64, SHAPE, seed=0)
+    cfg = dy.stepping.SteppingConfig(iterations=2, batches_per_iteration=2, batch_size=32, importance_batches=1,
+                                     retrain_epochs=0, progress=False)
+    reference = TaggedNet(PadNet(), 1, SHAPE).subnet_macs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a 2-iteration construction finishes its moves untrained: it says so
+        stepped = dy.stepping.construct(PadNet(), data, [0.6, 0.95], cfg, reference_macs=reference)
+    pad = stepped.net.layers[-1]
+    assert torch.equal(pad.weight[:8, :, 0, 0], torch.eye(8)) and not pad.weight[8:].any()
+
+
+@pytest.mark.parametrize("spec, message", [((0, 0, 0, 0, 4, 4), "END only"), ((0, 0, 0, 0, 8, 0), "END only"),
+                                           ((1, 1, 0, 0, 0, 8), "END only")])
+def test_a_pad_that_moves_the_old_channels_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        TaggedNet(PadNet(pad=spec), 1, SHAPE)
+
+
+def test_a_narrow_copy_starts_afresh_but_keeps_its_zero_pad():
+    from dyninfer.methods.baselines.individual import reinitialise
+
+    torch.manual_seed(0)
+    dense = TaggedNet(PadNet(), 1, SHAPE).dense(1, fold_bn=False)
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    reinitialise(dense)
+    frozen = [n for n, p in dense.named_parameters() if not p.requires_grad]
+    assert len(frozen) == 1 and torch.equal(dict(dense.named_parameters())[frozen[0]], before[frozen[0]])
+    assert all(not torch.equal(p, before[n]) for n, p in dense.named_parameters() if p.requires_grad and p.dim() > 1)

@@ -9,6 +9,14 @@ vocabulary is deliberately small:
 * ``map``: a per-channel post op (ReLU, max/avg/adaptive-avg pooling, dropout, identity);
 * ``flatten``: ``Flatten(1, -1)`` / ``torch.flatten(x, 1)``;
 * ``add``: a residual add of two tensors (their channels are tied into one tag group);
+* the zero-padded shortcut of CIFAR ResNets ("option A"), with the new channels at the END:
+  ``F.pad(x, (0, 0, 0, 0, 0, p))``, optionally after ``x[:, :, ::s, ::s]``. The subsampling is
+  read as ``MaxPool2d(1, s)`` (the same values) and the pad as a layer: a frozen 1x1 convolution
+  whose weight is the identity over the old channels stacked on zeros for the new ones, so the
+  old channels keep their positions and every method, compaction and export treats it as any
+  projection shortcut. Its MACs (C_in x C_out per output position) are counted because they run.
+  Padding before or around the old channels (the usual option A pads both sides) would move them
+  into the middle and break prefix / causal order: refused with a message;
 * the ``classifier``: the Linear whose output is the model's output.
 
 Anything else is a ``ValueError`` naming the op and the fx node, so a user's own model either
@@ -27,7 +35,8 @@ import torch.nn.functional as F
 
 MAP_MODULES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SUPPORTED = "Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, add"
+_SUPPORTED = ("Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, add, "
+              "zero-padded shortcut (F.pad of channels at the end, x[:, :, ::s, ::s])")
 
 
 @dataclass(frozen=True)
@@ -100,10 +109,70 @@ def _module_op(program: Program, node: fx.Node, module: nn.Module, env: dict, us
     env[node] = len(program.nodes) - 1
 
 
+def zero_pad_layer(channels: int, extra: int) -> nn.Conv2d:
+    """The zero-padded shortcut's pad as a frozen 1x1 convolution: old channels first, unchanged,
+    ``extra`` zero channels after them."""
+    layer = nn.Conv2d(channels, channels + extra, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:channels, :, 0, 0] = torch.eye(channels)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def _channels_of(program: Program, index: int) -> int | None:
+    """Channels of the tensor node ``index`` produces (None: the input image, unknown here)."""
+    node = program.nodes[index]
+    while node.op in ("map", "add"):
+        node = program.nodes[node.args[0]]
+    return program.layers[node.index].out_channels if node.op == "layer" else None
+
+
+def _pad_op(program: Program, node: fx.Node, env: dict) -> None:
+    src, spec = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    spec = tuple(spec) if isinstance(spec, (tuple, list)) else None
+    if (spec is None or len(spec) != 6 or any(not isinstance(v, int) for v in spec) or mode != "constant"
+            or value not in (None, 0, 0.0)):
+        raise _unsupported(node, f"F.pad{tuple(node.args[1:])}: only a zero pad of channels, (0, 0, 0, 0, 0, p),")
+    if spec[:4] != (0, 0, 0, 0) or spec[4] != 0 or spec[5] < 1:
+        raise ValueError(f"the zero-padded shortcut at fx node {node.name!r} pads {spec[4]} channel(s) before and "
+                         f"{spec[5]} after the old ones (and {spec[:4]} spatially); pad new channels at the END only, "
+                         "F.pad(x, (0, 0, 0, 0, 0, p)), so the old channels keep their positions (prefix / causal "
+                         "order)")
+    channels = _channels_of(program, env[src])
+    if channels is None:
+        raise ValueError(f"the zero-padded shortcut at fx node {node.name!r} reads the input image; a tagged "
+                         "shortcut pads a layer's output")
+    program.layers.append(zero_pad_layer(channels, spec[5]))
+    program.norms.append(nn.Identity())
+    program.nodes.append(Node("layer", (env[src],), len(program.layers) - 1, node.name))
+    env[node] = len(program.nodes) - 1
+
+
+def _subsample_op(program: Program, node: fx.Node, env: dict) -> bool:
+    """``x[:, :, ::s, ::s]`` as ``MaxPool2d(1, s)`` (identical values); False if the index is another."""
+    index = node.args[1]
+    full = slice(None, None, None)
+    if not (isinstance(index, tuple) and len(index) == 4 and index[:2] == (full, full)
+            and all(isinstance(i, slice) and i.start is None and i.stop is None for i in index[2:])):
+        return False
+    steps = [i.step or 1 for i in index[2:]]
+    program.maps.append(nn.MaxPool2d(1, stride=tuple(steps)))
+    program.nodes.append(Node("map", (env[node.args[0]],), len(program.maps) - 1, node.name))
+    env[node] = len(program.nodes) - 1
+    return True
+
+
 def _function_op(program: Program, node: fx.Node, env: dict) -> None:
     fn = node.target
     name = getattr(fn, "__name__", str(fn))
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if fn is F.pad and tensors:
+        return _pad_op(program, node, env)
+    if fn is operator.getitem and tensors and _subsample_op(program, node, env):
+        return None
     if fn in (operator.add, torch.add) and len(tensors) == 2 and not node.kwargs:
         program.nodes.append(Node("add", (env[tensors[0]], env[tensors[1]]), -1, node.name))
     elif fn in (F.relu, torch.relu) and len(tensors) == 1:

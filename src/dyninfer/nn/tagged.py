@@ -791,6 +791,7 @@ class TaggedNet(nn.Module):
             weight, bias = fold_batchnorm(weight, bias, bn)
             bn = None
         dense.weight.copy_(weight)
+        dense.weight.requires_grad_(layer.weight.requires_grad)  # a frozen layer (a zero pad) stays frozen
         if dense.bias is not None:
             dense.bias.copy_(bias if bias is not None else torch.zeros(len(rows)))
         return ([dense] if bn is None else [dense, bn]), rows

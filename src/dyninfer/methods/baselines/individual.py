@@ -46,12 +46,18 @@ class SliceConfig(BaselineConfig):
 
 
 def reinitialise(model: nn.Module) -> nn.Module:
-    """Fresh weights with the zoo's initialisation (a narrow copy starts from scratch)."""
-
+    """Fresh weights with the zoo's initialisation (a narrow copy starts from scratch); frozen
+    layers (a zero-padded shortcut's fixed 1x1 pad) keep theirs."""
     for m in model.modules():
-        if m is not model and hasattr(m, "reset_parameters"):
+        frozen = any(not p.requires_grad for p in m.parameters(recurse=False))
+        if m is not model and hasattr(m, "reset_parameters") and not frozen:
             m.reset_parameters()
+    saved = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     init_weights(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in saved:
+                p.copy_(saved[name])
     return model
 
 
