@@ -469,6 +469,40 @@ def _warmup(config: TrainConfig, step: int) -> float:
     return min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
 
 
+def _step(state: TrainerState, loss_fn: LossFn, x: Tensor, y: Tensor, callbacks: Sequence[Any],
+          sums: dict[str, Tensor], sync: Callable[[], None] | None = None) -> int:
+    """One optimizer step of either mode on (x, y): loss, backward, ``sync`` (gradient averaging),
+    the hooks, the step; the batch's losses and correct predictions are added to ``sums``.
+    Returns the batch size."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
+    loss.backward()
+    if sync is not None:
+        sync()
+    _call(callbacks, "on_after_backward", state)
+    state.optimizer.step()
+    state.step += 1
+    state.loss = loss.detach()
+    state.losses = {"loss": state.loss, **{k: v.detach() for k, v in parts.items()}}
+    b = x.shape[0]
+    for k, v in state.losses.items():
+        if v.dim() == 0:
+            sums[k] = sums.get(k, 0) + v.float() * b
+    logits = parts.get("logits")
+    if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == b:
+        sums["__correct__"] = sums.get("__correct__", 0) + (logits.detach().argmax(dim=1) == y).sum()
+    _call(callbacks, "on_batch_end", state)
+    return b
+
+
+def _averages(sums: dict[str, Tensor], seen: int, ctx: _Dist, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Samples seen on all ranks and the per-sample mean of every sum (all-reduced)."""
+    names = sorted(sums)
+    totals = _all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]
+                                         + [torch.tensor(float(seen), device=device)]), ctx).tolist()
+    return totals[-1], {k: v / max(totals[-1], 1) for k, v in zip(names, totals)}
+
+
 def _steps_per_epoch(n: int, config: TrainConfig, world: int) -> int:
     per_rank = -(-n // world)
     return per_rank // config.batch_size if config.drop_last else -(-per_rank // config.batch_size)
@@ -616,35 +650,18 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
             model.train()
             state.wrapped.train()
             sums: dict[str, Tensor] = {}
-            seen_n, correct = 0, torch.zeros((), device=device)
+            seen_n = 0
             t0 = time.perf_counter()
             bar = progress.bar(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", enabled=show)
             for i, (x, y) in enumerate(bar):
                 state.batch_index = i
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
                 if config.schedule_by == "step" or (state.step <= config.warmup_steps and config.warmup_steps):
                     factor = (lr_factor(config, state.step, config.epochs * steps) if config.schedule_by == "step"
                               else lr_factor(config, epoch)) * _warmup(config, state.step)
                     for group in optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * factor
-                loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
-                loss.backward()
-                _call(callbacks, "on_after_backward", state)
-                optimizer.step()
-                state.step += 1
-                state.loss = loss.detach()
-                state.losses = {"loss": state.loss, **{k: v.detach() for k, v in parts.items()}}
-                b = x.shape[0]
-                seen_n += b
-                for k, v in state.losses.items():
-                    if v.dim() == 0:
-                        sums[k] = sums.get(k, 0) + v.float() * b
-                logits = parts.get("logits")
-                if logits is not None and logits.dim() == 2 and logits.shape[0] == b:
-                    correct += (logits.detach().argmax(dim=1) == y).sum()
-                    sums["__correct__"] = correct
-                _call(callbacks, "on_batch_end", state)
+                seen_n += _step(state, loss_fn, x, y, callbacks, sums)
                 if show and state.step % config.log_every == 0:
                     bar.set_postfix(loss=f"{state.loss.item():.4f}")
             bar.close()
@@ -653,10 +670,7 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
                 for buffer in model.buffers():
                     dist.broadcast(buffer, src=0)
 
-            names = sorted(sums)
-            totals = _all_reduce_sum(torch.stack([sums[k].float() for k in names] + [torch.tensor(float(seen_n), device=device)]), ctx).tolist()
-            total_n = totals[-1]
-            averages = {k: v / total_n for k, v in zip(names, totals)}
+            total_n, averages = _averages(sums, seen_n, ctx, device)
             train_loss = averages.pop("loss")
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training diverged in epoch {epoch + 1}: mean loss {train_loss}; "
@@ -790,25 +804,8 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
                 raise ValueError(f"a batch of {x.shape[0]} cannot be split over {ctx.world_size} ranks")
             x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss, parts = _split_loss(loss_fn(state.wrapped, x, y))
-        loss.backward()
-        if ctx.world_size > 1:
-            _average_gradients(params, ctx)
-        _call(callbacks, "on_after_backward", state)
-        optimizer.step()
-        state.step += 1
-        state.loss = loss.detach()
-        state.losses = {"loss": state.loss, **{k: v.detach() for k, v in parts.items()}}
-        b = x.shape[0]
-        seen_n += b
-        for k, v in state.losses.items():
-            if v.dim() == 0:
-                sums[k] = sums.get(k, 0) + v.float() * b
-        logits = parts.get("logits")
-        if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == b:
-            sums["__correct__"] = sums.get("__correct__", 0) + (logits.detach().argmax(dim=1) == y).sum()
-        _call(callbacks, "on_batch_end", state)
+        seen_n += _step(state, loss_fn, x, y, callbacks, sums,
+                        (lambda: _average_gradients(params, ctx)) if ctx.world_size > 1 else None)
         bar.update()
         if show and state.postfix is not None:
             if state.postfix != shown:
@@ -820,10 +817,7 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
             continue
         # a segment ends: record, evaluate, checkpoint
         state.sync_buffers()
-        names = sorted(sums)
-        totals = _all_reduce_sum(torch.stack([sums[k].float() for k in names]
-                                             + [torch.tensor(float(seen_n), device=device)]), ctx).tolist()
-        averages = {k: v / max(totals[-1], 1) for k, v in zip(names, totals)}
+        total_n, averages = _averages(sums, seen_n, ctx, device)
         train_loss = averages.pop("loss", float("nan"))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged before step {state.step}: mean loss {train_loss}; "
@@ -836,7 +830,7 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
             record.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"])
             model.train()
         seconds = time.perf_counter() - t0
-        record.update(lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=totals[-1] / max(seconds, 1e-9))
+        record.update(lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=total_n / max(seconds, 1e-9))
         state.metrics = record
         _call(callbacks, "on_epoch_end", state)
         state.history.append(record)
