@@ -75,12 +75,13 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert (tmp_path / "rank1.history").read_text() == "2"
 
 
-def _torchrun(script, *args, timeout=300):
+def _torchrun(script, *args, timeout=300, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -100,14 +101,16 @@ STEP_WORKER = textwrap.dedent('''
                     num_classes=2, augmentation="crop-flip")
     torch.manual_seed(100)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    fit(model, data, TrainConfig(steps=7, batch_size=8, seed=3, progress=False), optimizer=opt)
+    batch = int(sys.argv[2])
+    fit(model, data, TrainConfig(steps=7, batch_size=batch, seed=3, progress=False), optimizer=opt)
     torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
 ''')
 
 
-def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path):
-    """Each rank trains on half of every batch and the gradients are averaged: without BatchNorm
-    that is the one-process step on the whole batch, up to float rounding."""
+@pytest.mark.parametrize("batch", [8, 7, 1])  # equal halves, unequal shards (4 + 3), fewer rows than ranks
+def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path, batch):
+    """Each rank trains on its rows of every batch and the gradients are averaged, weighted by
+    rows: without BatchNorm that is the one-process step on the whole batch, up to rounding."""
     from torch import nn
 
     from dyninfer.data import ImageSet
@@ -115,7 +118,7 @@ def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(STEP_WORKER)
-    _torchrun(script, tmp_path)
+    _torchrun(script, tmp_path, batch)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -128,7 +131,8 @@ def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path):
     data = ImageSet(torch.randint(0, 255, (40, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(40) % 2,
                     num_classes=2, augmentation="crop-flip")
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    fit(model, data, TrainConfig(steps=7, batch_size=8, seed=3, progress=False), optimizer=opt, distributed=False)
+    fit(model, data, TrainConfig(steps=7, batch_size=batch, seed=3, progress=False), optimizer=opt,
+        distributed=False)
     for k in w0:
         assert not torch.allclose(initial[k], w0[k], atol=1e-3), k  # training moved it
         torch.testing.assert_close(w0[k], model.state_dict()[k], atol=1e-5, rtol=1e-4)
@@ -137,14 +141,19 @@ def test_step_mode_on_two_ranks_equals_one_process_on_whole_batches(tmp_path):
 CLI_WORKER = textwrap.dedent('''
     import os, shutil, sys
     from dyninfer import cli, launch
+    from dyninfer.cli import stepping
 
     keep = sys.argv[1]
+    if os.environ.get("FAIL_RANK") == os.environ["RANK"]:  # this rank fails on its own, after rank 0 started
+        def fail(args):
+            raise RuntimeError("boom on rank " + os.environ["RANK"])
+        stepping.cmd_construct = fail
     real_close = launch.Ranks.close
 
-    def close(self):  # keep what each rank > 0 wrote in its private copy, for the test to compare
+    def close(self, ok=True):  # keep what each rank > 0 wrote in its private copy, for the test to compare
         if self._private is not None:
             shutil.copytree(self._private, os.path.join(keep, f"rank{self.rank}"))
-        real_close(self)
+        real_close(self, ok)
 
     launch.Ranks.close = close
     sys.exit(cli.main(sys.argv[2:]))
@@ -175,3 +184,15 @@ def test_torchrun_runs_construct_and_a_baseline_data_parallel(tmp_path):
     other = json.loads((tmp_path / "kept-compare/rank1/compare.json").read_text())["methods"]["slimmable"]
     assert ours["counted_optimizer_steps"] == 6
     assert ours["weights_fingerprint"] == other["weights_fingerprint"]
+
+
+def test_under_torchrun_a_command_without_out_runs_once_and_a_lone_failure_ends_the_run(tmp_path, monkeypatch):
+    script = tmp_path / "cli_worker.py"
+    script.write_text(CLI_WORKER)
+    proc = _torchrun(script, tmp_path / "kept", "info", "lenet-5", timeout=120)
+    assert proc.stdout.count("lenet-5 (expansion 1.0)") == 1
+    monkeypatch.setenv("FAIL_RANK", "1")  # rank 1 fails while rank 0 trains: nobody waits forever
+    proc = _torchrun(script, tmp_path / "kept2", "construct", "--model", "lenet-5", "--data", "digits",
+                     "--budgets", "0.3,0.9", "--iterations", "50", "--batches-per-iteration", "20",
+                     "--batch-size", "32", "--out", tmp_path / "fails", "--quiet", timeout=240, check=False)
+    assert proc.returncode != 0 and "boom on rank 1" in proc.stderr

@@ -502,3 +502,20 @@ def test_step_mode_stop_and_start_step_and_bad_options():
         fit(Net(), data, TrainConfig(steps=5, progress=False), start_step=6)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         TrainConfig(steps=0)
+
+
+def test_step_mode_a_stopped_run_stays_stopped_on_resume(tmp_path):
+    data = stripes(n=40)
+
+    class StopAt4:
+        def on_batch_end(self, state):
+            state.stop = state.stop or state.step == 4
+
+    config = TrainConfig(steps=20, batch_size=8, checkpoint_every=10, progress=False)
+    fit(Net(), data, config, out=tmp_path / "run", callbacks=[StopAt4()])
+    steps = []
+    history = fit(Net(), data, config, out=tmp_path / "run",
+                  callbacks=[type("C", (), {"on_batch_start": lambda self, s: steps.append(s.step)})()])
+    assert steps == [] and [r["step"] for r in history] == [4]
+    with pytest.raises(ValueError, match="state_dict"):  # a stream the checkpoint cannot hold
+        fit(Net(), data, config, out=tmp_path / "other", batches=iter(dy.data.BatchStream(data, 8, 0).__next__, None))

@@ -36,7 +36,7 @@ Forward = Callable[[nn.Module, Tensor], Tensor]
 LossFn = Callable[[nn.Module, Tensor, Tensor], "Tensor | dict[str, Tensor]"]
 
 # Fields that may change between a run and its resumption without breaking it.
-_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_size", "checkpoint_every"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "log_every", "eval_batch_size"})
 SCHEDULES = ("cosine", "step", "none")
 
 
@@ -374,6 +374,7 @@ def _save_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any], 
     tensors.update(rng_tensors)
     meta = {
         "epochs_done": epochs_done,
+        "stopped": state.stop,
         "rng": rng_skeleton,
         "step": state.step,
         "config": state.config.to_dict(),
@@ -416,7 +417,7 @@ def _restore_checkpoint(path: Path, state: TrainerState, callbacks: Sequence[Any
     state.step = int(meta["step"])
     state.history = list(meta.get("history", []))
     rng = ckpt.unpack_state(meta["rng"], tensors) if "rng" in meta else {}
-    return {"epochs_done": meta["epochs_done"], "rng": rng}
+    return {"epochs_done": meta["epochs_done"], "rng": rng, "stopped": meta.get("stopped", False)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -701,19 +702,21 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
     return state.history
 
 
-def _average_gradients(params: Sequence[Tensor], ctx: _Dist) -> None:
-    """Every rank's gradients become the mean over ranks, as DDP's reducer leaves them."""
+def _average_gradients(params: Sequence[Tensor], ctx: _Dist, share: float) -> None:
+    """Every rank's gradients become the batch mean over all ranks: each rank's (a mean over its
+    rows) weighted by ``share``, its rows' fraction of the batch, then summed. With equal shards
+    that is DDP's mean over ranks."""
     grads = [p.grad for p in params if p.grad is not None]
-    counts = torch.tensor([len(grads), -len(grads)])
+    device = grads[0].device if grads else ctx.device or torch.device("cpu")
+    counts = torch.tensor([len(grads), -len(grads)], device=device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     if counts[0].item() != -counts[1].item():
         raise RuntimeError(f"ranks computed gradients for different parameters ({-counts[1].item()}.."
                            f"{counts[0].item()} of them); every rank must run the same subnets each step")
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]) * share
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= ctx.world_size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -756,8 +759,12 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stream = batches if batches is not None else BatchStream(train, config.batch_size, config.seed,
                                                              augment=config.augment)
-    stateful = callbacks + ([stream] if callable(getattr(stream, "state_dict", None))
-                            and callable(getattr(stream, "load_state_dict", None)) else [])
+    stream_has_state = (callable(getattr(stream, "state_dict", None))
+                        and callable(getattr(stream, "load_state_dict", None)))
+    if out_dir is not None and not stream_has_state:
+        raise ValueError("with out= the step mode checkpoints its batch stream: batches= must have state_dict() and "
+                         "load_state_dict() (e.g. dyninfer.data.BatchStream), or leave it to fit")
+    stateful = callbacks + ([stream] if stream_has_state else [])
     state = TrainerState(model=model, optimizer=optimizer, config=config, wrapped=model,
                          rank=ctx.rank, world_size=ctx.world_size, step=start_step)
     if resume and ckpt_path is not None and ckpt.exists(ckpt_path):
@@ -766,6 +773,7 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
             raise ValueError(f"cannot resume from {str(ckpt.paths(ckpt_path)[0])!r}: it is an epoch run's "
                              "checkpoint; resume it without TrainConfig.steps")
         _set_rng_state(restored["rng"], device)
+        state.stop = bool(restored["stopped"])  # a run a callback ended stays ended
         log.info("resuming %s after step %d", out_dir, state.step)
     if ctx.world_size > 1:
         seen = torch.tensor([state.step, -state.step], device=device)
@@ -798,14 +806,20 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
             group["lr"] = group["initial_lr"] * factor
         state.batch_index = state.step
         _call(callbacks, "on_batch_start", state)
+        if state.stop:
+            break
         x, y = next(stream)
+        share = 1.0
         if ctx.world_size > 1:  # every rank draws the same batch and trains on its rows
-            if x.shape[0] < ctx.world_size:
-                raise ValueError(f"a batch of {x.shape[0]} cannot be split over {ctx.world_size} ranks")
-            x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
+            whole = x.shape[0]
+            if whole >= ctx.world_size:
+                x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
+                share = x.shape[0] / whole
+            else:  # fewer rows than ranks: each rank takes them all, and the mean of equal gradients is theirs
+                share = 1.0 / ctx.world_size
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         seen_n += _step(state, loss_fn, x, y, callbacks, sums,
-                        (lambda: _average_gradients(params, ctx)) if ctx.world_size > 1 else None)
+                        (lambda: _average_gradients(params, ctx, share)) if ctx.world_size > 1 else None)
         bar.update()
         if show and state.postfix is not None:
             if state.postfix != shown:

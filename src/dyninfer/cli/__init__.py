@@ -50,31 +50,34 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     created = out is not None and not Path(out).exists()
-    ranks = None
+    ranks, ok = None, False
     try:
         ranks = Ranks()  # under torchrun: one process group for the command; rank 0 owns --out
         if isinstance(getattr(args, "data", None), str):  # one spelling from here on: DIGITS -> digits
             args.data = canonical_name(args.data)
-        if out is None:
-            return args.func(args)
-        if not ranks.lead:  # works in a private copy of --out; only rank 0 writes there and prints
+        if out is None:  # nothing to train data-parallel: rank 0 alone
+            code = args.func(args) if ranks.lead else 0
+        elif not ranks.lead:  # works in a private copy of --out; only rank 0 writes there and prints
             args.out = str(ranks.private_copy(out))
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # rank 0 tells the user
-                return args.func(args)
-        # every command with --out writes there: check it before any work, and hold its lock
-        runs.prepare_out(out)
-        with runs.lock(out, args.command):
-            ranks.release(True)
-            return args.func(args)
+                code = args.func(args)
+        else:
+            # every command with --out writes there: check it before any work, and hold its lock
+            runs.prepare_out(out)
+            with runs.lock(out, args.command):
+                ranks.release(True)
+                code = args.func(args)
+        ok = True
+        return code
     except (CLIError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"dyninfer {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
         if ranks is not None:
-            if ranks.lead:
+            if ranks.lead and out is not None:
                 ranks.release(False)  # a no-op once released; else the others stop instead of waiting
-            ranks.close()
+            ranks.close(ok)
         lead = ranks is None or ranks.lead
         left = list(Path(out).iterdir()) if lead and created and Path(out).is_dir() else None
         if left is not None and all(f.name == runs.LOCK_NAME for f in left):
@@ -82,7 +85,6 @@ def _run(args: argparse.Namespace) -> int:
                 for f in left:
                     f.unlink()
                 Path(out).rmdir()
-
 
 
 __all__ = ["CLIError", "build_parser", "main"]
