@@ -47,7 +47,7 @@ from dyninfer.nn.tagged import TaggedNet
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.graph import GridSession
 
-__all__ = ["DoublyNestedConfig", "DoublyNestedNet", "build", "train", "parse_limit"]
+__all__ = ["DoublyNestedConfig", "DoublyNestedNet", "build", "joint_loss", "train", "parse_limit"]
 
 COMBINE = ("sum", "mean")
 UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3, "ms": 1}
@@ -464,6 +464,19 @@ def build(num_classes: int = 10, groups: int = 4, depth: int = 32, input_shape: 
     return DoublyNestedNet(net, reference, combine, spec)
 
 
+def joint_loss(net: DoublyNestedNet, x: torch.Tensor, y: torch.Tensor, sample: int = 0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 2 with uniform lambda: the mean cross-entropy of every (l, c) cell, all from one pass
+    (``forward_grid``); with ``sample`` > 0, of that many random cells plus the full network
+    (the pass still computes every cell: sampling saves only the losses' backward)."""
+    grid = net.forward_grid(x)
+    cells = [(d, c) for d in range(net.num_depths) for c in range(net.num_widths)]
+    if sample:
+        picks = torch.randperm(len(cells) - 1, generator=generator)[:sample].tolist()
+        cells = [cells[i] for i in picks] + [cells[-1]]
+    return sum(F.cross_entropy(grid[d][c], y) for d, c in cells) / len(cells)
+
+
 def train(net: DoublyNestedNet, train_set: ImageSet, config: DoublyNestedConfig | None = None) -> DoublyNestedNet:
     """Eq. 2: every step, the mean cross-entropy over all (l, c) (or ``sample`` random cells plus the
     full network), from one forward pass."""
@@ -471,16 +484,10 @@ def train(net: DoublyNestedNet, train_set: ImageSet, config: DoublyNestedConfig 
     net.combine = cfg.combine
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + 3)
-    cells = [(d, c) for d in range(net.num_depths) for c in range(net.num_widths)]
     optimizer = sgd(net.parameters(), cfg)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        grid = net.forward_grid(x)
-        chosen = cells
-        if cfg.sample:
-            picks = torch.randperm(len(cells) - 1, generator=generator)[:cfg.sample].tolist()
-            chosen = [cells[i] for i in picks] + [cells[-1]]
-        return sum(F.cross_entropy(grid[d][c], y) for d, c in chosen) / len(chosen)
+        return joint_loss(net, x, y, cfg.sample, generator)
 
     log = StepLog()
     net.net.train()

@@ -57,13 +57,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dyninfer import checkpoint as ckpt
-from dyninfer import cost
+from dyninfer import cost, models
 from dyninfer.data import ImageSet
 from dyninfer.models.resnet import BasicBlock, Bottleneck
 from dyninfer.nn.gates import DEFAULT_SLOPE, BlockGate, relu1
 from dyninfer.nn.tagged import fold_batchnorm
 from dyninfer.train import TrainConfig, fit
-from dyninfer import models
 
 __all__ = [
     "MODES", "STRATEGIES", "LCNet", "LCTrainConfig", "LCRuntime", "LCEvaluation", "MacTable",

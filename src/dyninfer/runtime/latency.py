@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from dyninfer.report import machine
 from dyninfer.runtime.compaction import as_compact
 from dyninfer.runtime.timing import interleaved, session_path
-from dyninfer.report import machine
 
 _MEMORY: dict[tuple, "LatencyModel"] = {}
 

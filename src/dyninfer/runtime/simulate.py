@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
 from dyninfer.report import markdown_table
 from dyninfer.runtime.compaction import as_compact
 

@@ -7,12 +7,14 @@ round) rather than one after another, and reported as median, min and max.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+
 from dyninfer.runtime.session import Session
 
 
@@ -46,8 +48,9 @@ def num_threads(threads: int | None) -> Iterator[int]:
 
 
 def interleaved(configs: Mapping[str, Callable[[], object] | SelfTimed], *, repeats: int = 20, warmup: int = 3,
-                threads: int | None = None) -> dict[str, list]:
-    """Time every configuration ``repeats`` times, round-robin, after ``warmup`` untimed calls each.
+                threads: int | None = None, grad: bool = False) -> dict[str, list]:
+    """Time every configuration ``repeats`` times, round-robin, after ``warmup`` untimed calls each,
+    in inference mode (``grad=True``: with autograd, to time training steps).
 
     Returns name -> list of samples in ms; a :class:`SelfTimed` configuration gives, per run, the
     list of its parts' times in ms.
@@ -59,7 +62,7 @@ def interleaved(configs: Mapping[str, Callable[[], object] | SelfTimed], *, repe
     names = list(configs)
     samples: dict[str, list] = {name: [] for name in names}
     clock = time.perf_counter
-    with num_threads(threads), torch.inference_mode():
+    with num_threads(threads), (contextlib.nullcontext() if grad else torch.inference_mode()):
         for _ in range(warmup):
             for name in names:
                 f = configs[name]

@@ -19,16 +19,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from dyninfer import cost
 from dyninfer.data import ImageSet
 from dyninfer.methods.baselines._common import (
     BaselineConfig, StepLog, Supervision, batch_stream, check_input, check_path, check_subnet, evaluate_subnets,
-    input_shape_of,
-    reference_of, run_steps, sgd,
+    input_shape_of, reference_of, run_steps, sgd,
 )
+from dyninfer.methods.registry import Setup, register_method
 from dyninfer.nn.tagged import fold_sequential
 from dyninfer.runtime.session import AnytimeSession
-from dyninfer.methods.registry import Setup, register_method
-from dyninfer import cost
 
 
 @dataclass(frozen=True)
