@@ -61,7 +61,7 @@ from dyninfer import cost, models
 from dyninfer.data import ImageSet
 from dyninfer.models.resnet import BasicBlock, Bottleneck
 from dyninfer.nn.gates import DEFAULT_SLOPE, BlockGate, relu1
-from dyninfer.nn.tagged import fold_batchnorm
+from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.train import TrainConfig, fit
 
 __all__ = [
@@ -231,7 +231,7 @@ def wrap(model: nn.Module, mode: str = "parallel", slope: float = DEFAULT_SLOPE,
 
 @dataclass(frozen=True)
 class MacTable:
-    """MACs of one input as a function of its decisions (from ``dyninfer.cost.layer_table``).
+    """MACs of one input as a function of its decisions (from the tagged core's per-layer count).
 
     Per active channel of block i, conv1 costs ``conv1_per_channel[i]`` (its outputs) and conv2
     ``conv2_per_channel[i]`` (its inputs); a bottleneck's conv3 costs ``fixed[i]`` once any
@@ -251,11 +251,13 @@ class MacTable:
 
     @classmethod
     def of(cls, net: LCNet, input_shape: Sequence[int]) -> "MacTable":
-        rows = cost.layer_table(net.backbone, input_shape)
-        by_name: dict[str, int] = {}
-        for r in rows:
-            by_name[r["name"]] = by_name.get(r["name"], 0) + r["macs"]
-        total = sum(by_name.values())
+        """Per-layer MACs from the tagged core's count (the one every tagged method reports), of
+        the backbone as one subnet: live weights x output positions of each conv and the fc."""
+        tagged = TaggedNet(net.backbone, 1, tuple(input_shape))
+        name_of = {id(m): name for name, m in net.backbone.named_modules()}
+        layers = list(tagged.layers) + [tagged.classifier]
+        by_name = {name_of[id(layer)]: tagged.layer_macs_per_subnet(i)[0] for i, layer in enumerate(layers)}
+        total = tagged.subnet_macs()
         fixed, conv1, conv2, shortcut = [], [], [], []
         used = 0
         for name, b in _blocks(net.backbone):
