@@ -444,3 +444,19 @@ def test_cli_refuses_a_model_without_blocks_before_reading_data(tmp_path, capsys
     assert main(["lcnet", "train", "--model", "lenet-5", "--data", "digits", "--out", str(tmp_path / "o")]) == 2
     assert "--model lenet-5 is not one (choose from resnet-18" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_common_face_where_it_applies_save_load_evaluate(tmp_path):
+    net = lcnet.wrap(tiny(), mode="sequential")
+    randomize(net, seed=3)
+    net.eval()
+    net.save(tmp_path / "lc")
+    again = lcnet.LCNet.load(tmp_path / "lc").eval()
+    assert again.mode == "sequential"
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(again(x), net(x))
+    data = synthetic(16, (3, 8, 8), seed=1)
+    mine, theirs = net.evaluate(data), lcnet.evaluate(again, data)
+    assert torch.equal(mine.macs, theirs.macs) and torch.equal(mine.correct, theirs.correct) and mine.macs.min() > 0
+    with pytest.raises(TypeError, match="picks its network per input"):
+        __import__("dyninfer").export.dense(net, 1)

@@ -163,6 +163,20 @@ class LCNet(nn.Module):
         table = self.mac_table(tuple(x.shape[1:]))
         return table.instance_macs(self.saliencies(x), mode or self.mode)
 
+    # the common face where it applies: evaluate, save and load like every method (there are no
+    # numbered subnets: each input picks its own blocks and channels)
+    def evaluate(self, data: ImageSet, batch_size: int = 256, mode: str | None = None) -> "LCEvaluation":
+        """Per-input accuracy and executed MACs on ``data`` (:func:`evaluate`)."""
+        return evaluate(self, data, batch_size, mode)
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """safetensors + JSON, as :func:`dyninfer.train.fit` writes it (``load`` reads either)."""
+        ckpt.save_model(path, self, dict(extra or {}))
+
+    @classmethod
+    def load(cls, path: str | Path, mode: str | None = None) -> "LCNet":
+        return load(path, mode)
+
     def compile(self, mode: str | None = None, channels_last: bool = False, slice_cache: int = 32) -> "LCRuntime":
         """The real-skipping inference runtime: a snapshot of the current weights (BN folded)."""
         return LCRuntime(self, mode or self.mode, channels_last, slice_cache)
