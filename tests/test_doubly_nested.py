@@ -269,3 +269,41 @@ def test_one_recorded_pass_tells_where_every_threshold_stops():
         assert torch.equal(torch.tensor(grid.path_costs(path))[recorded], macs), t
         stops_seen.update(stop.tolist())
     assert len(stops_seen) > 2  # the thresholds spread the stops over the path
+
+
+def _area(net, path, acc):
+    return sum((1 - acc[a[0] - 1][a[1] - 1]) * (net.causal_macs(*b) - net.causal_macs(*a)) for a, b in zip(path, path[1:]))
+
+
+def _staircases(L, G):
+    """Every monotone path from (1, 1) to (L, G), by brute force."""
+    if (L, G) == (1, 1):
+        return [[(1, 1)]]
+    paths = []
+    if L > 1:
+        paths += [p + [(L, G)] for p in _staircases(L - 1, G)]
+    if G > 1:
+        paths += [p + [(L, G)] for p in _staircases(L, G - 1)]
+    return paths
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_area_path_is_the_best_staircase_by_brute_force(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.rand(net.num_depths, net.num_widths, generator=g).tolist()
+    every = _staircases(net.num_depths, net.num_widths)
+    assert len(every) == 220  # 10 depths x 4 widths
+    area = net.path(acc, rule="area")
+    assert area in every
+    assert _area(net, area, acc) == pytest.approx(min(_area(net, p, acc) for p in every))
+    greedy = net.path(acc)
+    assert _area(net, area, acc) <= _area(net, greedy, acc)
+    with pytest.raises(ValueError, match="greedy' or 'area"):
+        net.path(acc, rule="best")
+
+
+def test_area_path_goes_deep_and_narrow_where_that_pays(net):
+    """Accuracy only from depth: widening first buys nothing, so the best staircase stays at W1."""
+    acc = [[d / net.num_depths] * net.num_widths for d in range(1, net.num_depths + 1)]
+    path = net.path(acc, rule="area")
+    assert path[:net.num_depths] == [(d, 1) for d in range(1, net.num_depths + 1)]
