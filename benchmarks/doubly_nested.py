@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, default=24e6, help="MAC limit of the paper's comparison")
     parser.add_argument("--schemes", default="individual,slice", help="Fig. 4 schemes from the compare registry")
     parser.add_argument("--path", choices=("greedy", "area"), default="greedy",
-                        help="the staircase per-input stopping walks (DoublyNestedNet.path's rule)")
+                        help="the staircase per-input stopping walks (DoublyNestedNet.path's rule; greedy is "
+                             "what the committed results ran with, area stops better: doubly_nested_paths.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--stem", default="doubly_nested_cifar10")

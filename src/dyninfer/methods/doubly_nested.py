@@ -223,13 +223,15 @@ class DoublyNestedNet(nn.Module):
         return best["depth"], best["width"]
 
     # ------------------------------------------------------------------ per-input anytime stopping
-    def path(self, val_accuracy: list[list[float]] | None = None, rule: str = "greedy") -> list[tuple[int, int]]:
+    def path(self, val_accuracy: list[list[float]] | None = None, rule: str = "area") -> list[tuple[int, int]]:
         """A staircase from (1, 1) to the full net through the grid, one deeper() or wider() at a
-        time. ``rule="greedy"``: each move the one with the larger validation accuracy gain per
-        causal MAC added. ``rule="area"``: the staircase with the least validation error integrated
+        time. ``rule="area"`` (default): the staircase with the least validation error integrated
         over MACs, sum of (1 - acc(cell)) x (MACs of the next cell - its MACs), found exactly by
-        dynamic programming over the grid; it can go deep at a narrow width first, which the greedy
-        rule's one-move look-ahead never does."""
+        dynamic programming over the grid; it can go deep at a narrow width first. ``"greedy"``:
+        each move the one with the larger validation accuracy gain per causal MAC added (one-move
+        look-ahead). Measured on one Fashion-MNIST grid (benchmarks/results/
+        doubly_nested_paths_fashion-mnist.md), per-input stopping along the area path reached
+        69.23 / 73.20 % at 8.1 / 16.7 M average MACs, along the greedy path 56.50 / 66.87 %."""
         acc = val_accuracy or self.val_accuracy
         if acc is None:
             raise ValueError("path needs validation accuracies: call net.validate(held_out) first")
