@@ -14,43 +14,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _bench import begin, finish, grid_arguments, output_arguments
 from dyninfer import compare, data, report
 from dyninfer.methods import doubly_nested as dn
 from dyninfer.cli.dnn import write_table
 from dyninfer.runtime.timing import interleaved, summarize
 
-ROOT = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="cifar10")
-    parser.add_argument("--depth", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
+    grid_arguments(parser, data="cifar10", steps=200)
     parser.add_argument("--limit", type=float, default=24e6, help="MAC limit of the paper's comparison")
     parser.add_argument("--schemes", default="individual,slice", help="Fig. 4 schemes from the compare registry")
     parser.add_argument("--path", choices=("greedy", "area"), default="greedy",
                         help="the staircase per-input stopping walks (DoublyNestedNet.path's rule; greedy is "
                              "what the committed results ran with, area stops better: doubly_nested_paths.py)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "results"))
-    parser.add_argument("--stem", default="doubly_nested_cifar10")
+    output_arguments(parser, stem="doubly_nested_cifar10")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/doubly_nested.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    print(f"command: {command}", flush=True)
+    out, command = begin(args, "doubly_nested.py", argv)
     record: dict = {"command": command, "machine": report.machine(), "args": vars(args)}
     started = time.perf_counter()
     full_train, test = data.load(args.data)
@@ -72,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         "causal_macs": [[net.causal_macs(d, c) for c in range(1, net.num_widths + 1)]
                                         for d in range(1, net.num_depths + 1)]}
         _save(out, args.stem, record)
-    grid, depth_only = nets["doubly-nested"], nets["depth-only"]
+    grid = nets["doubly-nested"]
     grid_dir = out / f"{args.stem}_grid"
     grid_dir.mkdir(exist_ok=True)
     write_table(grid, grid_dir)
@@ -123,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "ms": summarize(samples[f"{cell[0]},{cell[1]}"]),
                                           "latency_ratio": summarize(samples[f"{cell[0]},{cell[1]}"])["median_ms"] / full,
                                           "mac_ratio": grid.macs(*cell) / grid.macs(*cells[-1])} for cell in cells]
-    record["total_seconds"] = time.perf_counter() - started
-    _save(out, args.stem, record)
-    print((out / f"{args.stem}.md").read_text())
-    return 0
+    return finish(out, args.stem, record, _save, started)
 
 
 def anytime_rows(grid: dn.DoublyNestedNet, val, test, path, shares=(0.25, 0.5, 0.75)) -> list[dict]:

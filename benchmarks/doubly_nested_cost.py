@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,35 +23,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _bench import begin, finish, grid_arguments, output_arguments
 from dyninfer import data, models, report
 from dyninfer.methods import doubly_nested as dn
 from dyninfer.runtime.timing import interleaved, summarize
 
-ROOT = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--depth", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600, help="training steps of each grid in part 2")
+    grid_arguments(parser, data="fashion-mnist", steps=600)  # steps: of each grid in part 2
     parser.add_argument("--sample", type=int, default=4, help="random cells per batch (plus the full net)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "results"))
-    parser.add_argument("--stem", default="doubly_nested_cost_fashion-mnist")
+    output_arguments(parser, stem="doubly_nested_cost_fashion-mnist")
     args = parser.parse_args(argv)
     for name in ("steps", "sample", "batch_size", "repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/doubly_nested_cost.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    print(f"command: {command}", flush=True)
+    out, command = begin(args, "doubly_nested_cost.py", argv)
     record: dict = {"command": command, "machine": report.machine(), "args": vars(args)}
     started = time.perf_counter()
     full_train, test = data.load(args.data)
@@ -104,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         record["training"][name] = {"seconds": seconds, "full_cell": grid[-1][-1], "mean_cell": sum(flat) / len(flat),
                                     "min_cell": min(flat), "grid": grid}
         _save(out, args.stem, record)
-    record["total_seconds"] = time.perf_counter() - started
-    _save(out, args.stem, record)
-    print((out / f"{args.stem}.md").read_text())
-    return 0
+    return finish(out, args.stem, record, _save, started)
 
 
 def _save(out: Path, stem: str, record: dict) -> None:

@@ -12,37 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-from pathlib import Path
 
-import torch
 
+from _bench import begin, grid_arguments, output_arguments
 from doubly_nested import anytime_rows
 from dyninfer import data, report
 from dyninfer.methods import doubly_nested as dn
 
-ROOT = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--depth", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "results"))
-    parser.add_argument("--stem", default="doubly_nested_paths_fashion-mnist")
+    grid_arguments(parser, data="fashion-mnist", steps=600)
+    output_arguments(parser, stem="doubly_nested_paths_fashion-mnist")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/doubly_nested_paths.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    print(f"command: {command}", flush=True)
+    out, command = begin(args, "doubly_nested_paths.py", argv)
     started = time.perf_counter()
     full_train, test = data.load(args.data)
     train, val = data.split(full_train, 0.1, seed=0)
