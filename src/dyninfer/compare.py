@@ -1,9 +1,9 @@
 """The comparison harness: every method on the same model, data, seed and training budget,
 evaluated at matched MAC fractions (SteppingNet Fig. 6 style).
 
-    import dyninfer.compare as cmp
-    result = cmp.run("lenet-5", "fashion-mnist", methods=["stepping", "slimmable", "earlyexit"],
-                     budgets=[0.15, 0.3, 0.6, 0.85], steps=2000, batch_size=128, out="runs/cmp")
+    >>> import dyninfer.compare as cmp
+    >>> result = cmp.run("lenet-5", "fashion-mnist", methods=["stepping", "slimmable", "earlyexit"],
+    ...                  budgets=[0.15, 0.3, 0.6, 0.85], steps=2000, batch_size=128, out="runs/cmp")
 
 The budget is optimizer steps x batch size, the same for every method: each method's loop
 counts its own steps (``history["optimizer_steps"]``) and the harness counts every
