@@ -432,6 +432,29 @@ def _write_lines(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _ranks_agree(done: int, what: str, device: torch.device, ctx: _Dist, out_dir: Path | None) -> None:
+    """Every rank resumes from the same point (``done`` epochs or steps), or none starts."""
+    seen = torch.tensor([done, -done], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if seen[0].item() != -seen[1].item():
+        raise RuntimeError(f"ranks disagree on the checkpoint to resume from ({what} {-seen[1].item()}.."
+                           f"{seen[0].item()}); is {str(out_dir)!r} on a shared filesystem?")
+
+
+def _write_run_start(out_dir: Path, config: TrainConfig, model: nn.Module, train: ImageSet, test: ImageSet | None,
+                     ctx: _Dist, history: list[dict[str, Any]]) -> None:
+    """config.json, and metrics.jsonl cut back to the checkpoint's history (drops a lost segment's lines)."""
+    _write_json(out_dir / "config.json", {
+        "train": config.to_dict(),
+        "model": ckpt.model_config(model),
+        "data": {"name": train.name, "n": len(train), "input_shape": list(train.input_shape),
+                 "num_classes": train.num_classes, "test_n": len(test) if test is not None else None},
+        "world_size": ctx.world_size,
+        "torch": torch.__version__,
+    })
+    _write_lines(out_dir / "metrics.jsonl", history)
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 _HOOKS = ("on_batch_start", "on_after_backward", "on_batch_end", "on_epoch_end")
@@ -611,25 +634,13 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
         start = int(done)
         log.info("resuming %s after epoch %d", out_dir, start)
     if ctx.world_size > 1:
-        seen = torch.tensor([start, -start], device=device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if seen[0].item() != -seen[1].item():
-            raise RuntimeError(f"ranks disagree on the checkpoint to resume from (epochs done {-seen[1].item()}.."
-                               f"{seen[0].item()}); is {str(out_dir)!r} on a shared filesystem?")
+        _ranks_agree(start, "epochs done", device, ctx, out_dir)
         state.wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config.find_unused_parameters)
 
     if out_dir is not None and lead:
-        _write_json(out_dir / "config.json", {
-            "train": config.to_dict(),
-            "model": ckpt.model_config(model),
-            "data": {"name": train.name, "n": len(train), "input_shape": list(train.input_shape),
-                     "num_classes": train.num_classes, "test_n": len(test) if test is not None else None},
-            "world_size": ctx.world_size,
-            "torch": torch.__version__,
-        })
-        _write_lines(out_dir / "metrics.jsonl", state.history)  # drops lines of a lost epoch
+        _write_run_start(out_dir, config, model, train, test, ctx, state.history)
 
     loss_fn = loss_fn or _default_loss(config, forward)
     steps = _steps_per_epoch(len(train), config, ctx.world_size)
@@ -776,23 +787,13 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
         state.stop = bool(restored["stopped"])  # a run a callback ended stays ended
         log.info("resuming %s after step %d", out_dir, state.step)
     if ctx.world_size > 1:
-        seen = torch.tensor([state.step, -state.step], device=device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if seen[0].item() != -seen[1].item():
-            raise RuntimeError(f"ranks disagree on the step to resume from ({-seen[1].item()}..{seen[0].item()}); "
-                               f"is {str(out_dir)!r} on a shared filesystem?")
+        _ranks_agree(state.step, "step", device, ctx, out_dir)
         with torch.no_grad():  # start from rank 0's weights and buffers, as DDP does
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor, src=0)
 
     if out_dir is not None and lead:
-        _write_json(out_dir / "config.json", {
-            "train": config.to_dict(), "model": ckpt.model_config(model),
-            "data": {"name": train.name, "n": len(train), "input_shape": list(train.input_shape),
-                     "num_classes": train.num_classes, "test_n": len(test) if test is not None else None},
-            "world_size": ctx.world_size, "torch": torch.__version__,
-        })
-        _write_lines(out_dir / "metrics.jsonl", state.history)
+        _write_run_start(out_dir, config, model, train, test, ctx, state.history)
 
     loss_fn = loss_fn or _default_loss(config, forward)
     show = config.progress and lead

@@ -42,4 +42,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="directory holding the data set files")
 
 
-__all__ = ["CLIError", "add_data_arguments", "load_data", "load_trained", "read_run"]
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training command takes: the seed, the output folder, quiet."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+
+__all__ = ["CLIError", "add_data_arguments", "add_run_arguments", "load_data", "load_trained", "read_run"]

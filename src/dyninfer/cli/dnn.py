@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from dyninfer import argtypes, report, runs  # noqa: E402
 from dyninfer import data as data_module  # noqa: E402
+from dyninfer.cli.common import add_run_arguments  # noqa: E402
 from dyninfer.methods import doubly_nested as dn  # noqa: E402
 from dyninfer.runtime.timing import interleaved, summarize  # noqa: E402
 
@@ -51,9 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--combine", choices=dn.COMBINE, default="sum")
     p.add_argument("--sample", type=int, default=0, help="cells per batch in the loss (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("table", help="grid.csv and heat maps of accuracy and resources over (depth, width)")

@@ -17,6 +17,7 @@ import torch
 
 from dyninfer import argtypes, runs
 from dyninfer import checkpoint, data, models, report
+from dyninfer.cli.common import add_run_arguments
 from dyninfer.data import canonical_name
 from dyninfer.methods import lcnet
 from dyninfer.methods.lcnet import MODES, PRETRAINED_CONTROL_LR, PRETRAINED_LR
@@ -45,9 +46,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help=f"backbone LR (default 0.05; {PRETRAINED_LR} with --pretrained)")
     p.add_argument("--control-lr", type=float, default=None,
                    help=f"control-net LR (default: --lr; {PRETRAINED_CONTROL_LR} with --pretrained)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, per-image MACs and report plots of an LC-Net run")

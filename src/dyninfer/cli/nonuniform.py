@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from dyninfer import argtypes, models, report, runs  # noqa: E402
 from dyninfer import data as data_module  # noqa: E402
+from dyninfer.cli.common import add_run_arguments  # noqa: E402
 from dyninfer.methods import nonuniform  # noqa: E402
 from dyninfer.runtime.timing import interleaved, summarize  # noqa: E402
 
@@ -47,9 +48,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--group-lasso", type=argtypes.nonneg_float, default=0.0, help="sparsity penalty in warm-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy and MACs of every subnet of a run")

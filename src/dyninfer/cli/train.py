@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes, cost, models, report, runs, train
-from dyninfer.cli.common import CLIError, add_data_arguments, load_data, load_trained, read_run
+from dyninfer.cli.common import CLIError, add_data_arguments, add_run_arguments, load_data, load_trained, read_run
 from dyninfer.methods.stepping import SteppingNet
 
 
@@ -94,9 +94,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up over this many steps")
     p.add_argument("--expansion", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run directory")
