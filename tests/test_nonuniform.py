@@ -169,6 +169,58 @@ def test_budgets_by_latency_follow_the_table_not_the_macs():
     assert sum(by_latency.widths(1)[g] for g in stage3) < sum(by_macs.widths(1)[g] for g in stage3)
 
 
+def test_widths_by_latency_are_rechosen_until_the_measured_latency_fits():
+    """The table predicts without the cost it does not see (here, a fixed cost per channel of
+    every layer, like the activations' post-ops); timing the chosen subnets and tightening the
+    budgets of those over brings every measured latency within its budget."""
+    torch.manual_seed(0)
+    model = dy.models.create("resnet-20", num_classes=10, expansion=0.5, input_shape=SHAPE)
+    view = TaggedNet(model, 1, SHAPE)
+    table = fake_table(view, set())
+    budgets = [0.3, 0.6, 1.0]
+
+    def device(net: TaggedNet) -> list[float]:  # independent of the table: layers' own channel sums
+        def true_ms(counts):
+            return table.predict(net, counts) + 0.05 * sum(counts[g] for g in net.layer_group)
+        full = true_ms(net.widths())
+        return [true_ms([sum(c[:k]) for c in net.counts()]) / full for k in range(1, net.num_subnets + 1)]
+
+    trusted = nonuniform.sample(model, budgets, by="latency", multiple=4, latency_table=table)
+    assert "latency_checks" not in trusted.history  # another device's table alone: nothing measured
+    assert device(trusted.net)[0] > budgets[0]       # the prediction alone runs over
+
+    checked = nonuniform.sample(model, budgets, by="latency", multiple=4, latency_table=table, measure=device)
+    trail = checked.history["latency_checks"]
+    assert len(trail) >= 2 and trail[0]["measured"][0] > budgets[0]
+    measured = device(checked.net)
+    assert all(m <= b for m, b in zip(measured, budgets)), measured
+    assert checked.history["measured_cost"] == pytest.approx(measured)
+    for small, large in zip(range(1, 3), range(2, 4)):  # still nested, strictly growing
+        assert all(a <= b for a, b in zip(checked.widths(small), checked.widths(large)))
+        assert checked.widths(small) != checked.widths(large)
+
+
+def test_within_measured_stops_when_no_allocation_meets_the_tightened_target():
+    calls = []
+
+    def allocate_at(targets):
+        calls.append(list(targets))
+        if targets[0] < 0.2:
+            raise ValueError("below the smallest subnet")
+        return [[round(10 * t)] for t in targets]
+
+    def predict(c):
+        return c[0] / 10
+
+    def measure(counts):  # this device runs 1.5x slower than predicted
+        return [1.5 * predict(counts[0]), 1.0]
+
+    counts, trail = allocate.within_measured(allocate_at, [0.25, 1.0], predict, measure, rounds=5)
+    assert calls[1][0] == pytest.approx(0.2 * 0.25 / 0.3)  # predicted x budget / measured
+    assert counts == [[2], [10]]  # the last allocation that succeeded...
+    assert trail[-1]["measured"][0] > 0.25 and "stopped" in trail[-1]  # ...reported as still over, not hidden
+
+
 def test_the_measured_table_is_cached_and_predicts_monotonically(tmp_path):
     torch.manual_seed(0)
     net = TaggedNet(dy.models.create("lenet-5", num_classes=10, input_shape=SHAPE), 1, SHAPE)

@@ -44,6 +44,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--importance", choices=sorted(nonuniform.IMPORTANCES), default="filter-norm")
     p.add_argument("--multiple", type=argtypes.positive_int, default=8, help="round channel counts to this")
     p.add_argument("--latency-batch", type=argtypes.positive_int, default=1)
+    p.add_argument("--latency-checks", type=argtypes.nonneg_int, default=2,
+                   help="--by latency: rounds of timing the chosen subnets and re-choosing those over budget "
+                        "(0: trust the per-layer table)")
     p.add_argument("--steps", type=argtypes.positive_int, default=1000, help="optimizer steps in all")
     p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -108,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = nonuniform.NonUniformConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                          by=args.by, search=args.search, importance=args.importance,
                                          multiple=args.multiple, latency_batch=args.latency_batch,
-                                         group_lasso=args.group_lasso, progress=not args.quiet)
+                                         latency_checks=args.latency_checks, group_lasso=args.group_lasso, progress=not args.quiet)
     train_set, test_set = data_module.load(args.data, root=args.data_root)
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape)

@@ -28,7 +28,8 @@ from dyninfer.runtime.latency_table import LatencyTable, chunk
 Counts = list[int]
 Chooser = Callable[[Counts, dict[int, int]], int]
 
-__all__ = ["dense_macs", "macs_cost", "latency_cost", "orders_of", "by_importance", "by_loss", "allocate"]
+__all__ = ["dense_macs", "macs_cost", "latency_cost", "orders_of", "by_importance", "by_loss", "allocate",
+           "within_measured"]
 
 
 def dense_macs(net: TaggedNet, counts: Sequence[int]) -> int:
@@ -120,3 +121,39 @@ def allocate(net: TaggedNet, budgets: Sequence[float], cost: Callable[[Counts], 
             counts[g] = candidates[g]
         out.append(list(counts))
     return out[::-1]
+
+
+def within_measured(allocate_at: Callable[[list[float]], list[Counts]], budgets: Sequence[float],
+                    predict: Callable[[Counts], float], measure: Callable[[list[Counts]], list[float]],
+                    rounds: int = 2) -> tuple[list[Counts], list[dict]]:
+    """Counts whose *measured* cost fits each budget, where the predicted cost (a latency table)
+    can be wrong: allocate at ``budgets``, measure every subnet, and while one runs over its
+    budget, allocate again with that subnet's target set to its predicted cost x budget / measured
+    (below what it predicts now, so its counts must shrink; targets kept ascending, so subnets stay
+    nested), at most ``rounds`` times.
+
+    Returns the last counts and the trail of every round (targets, counts, predicted and measured
+    fractions). A tightened target no allocation can meet ends the loop with the counts measured
+    last, which the trail shows still over budget.
+    """
+    budgets = list(budgets)
+    targets = list(budgets)
+    counts = allocate_at(targets)
+    trail: list[dict] = []
+    for r in range(rounds + 1):
+        measured = [float(m) for m in measure(counts)]
+        predicted = [float(predict(c)) for c in counts]
+        trail.append({"targets": list(targets), "counts": [list(c) for c in counts], "predicted": predicted,
+                      "measured": measured})
+        if all(m <= b for m, b in zip(measured, budgets)) or r == rounds:
+            break
+        targets = [p * b / m if m > b else t for t, p, b, m in zip(targets, predicted, budgets, measured)]
+        for i in range(len(targets) - 2, -1, -1):
+            targets[i] = min(targets[i], targets[i + 1] * (1 - 1e-9))
+        try:
+            tighter = allocate_at(targets)
+        except ValueError as err:
+            trail[-1]["stopped"] = str(err)
+            break
+        counts = tighter
+    return counts, trail

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from dyninfer.nn.tagged import TaggedNet
 from dyninfer.report import machine
-from dyninfer.runtime.timing import num_threads
+from dyninfer.runtime.timing import interleaved, num_threads, summarize
 
-__all__ = ["LatencyTable", "build_table", "chunk", "grid"]
+__all__ = ["LatencyTable", "build_table", "chunk", "grid", "measured_fractions"]
 
 
 def chunk(width: int, multiple: int) -> int:
@@ -188,6 +188,19 @@ def build_table(net: TaggedNet, *, batch: int = 1, threads: int | None = None, m
     if path is not None:
         table.save(path)
     return table
+
+
+@torch.no_grad()
+def measured_fractions(net: TaggedNet, *, batch: int, threads: int | None = None, repeats: int = 20) -> list[float]:
+    """Each subnet's measured latency as a fraction of the full network's: its dense module (what
+    ``export`` gives) and the full one timed round-robin on this device, medians."""
+    x = torch.randn(batch, *net.input_shape).contiguous(memory_format=torch.channels_last)
+    modules = {k: net.dense(k).to(memory_format=torch.channels_last) for k in range(1, net.num_subnets + 1)}
+    modules["full"] = _full_dense(net).to(memory_format=torch.channels_last)
+    samples = interleaved({k: (lambda m=m: m(x)) for k, m in modules.items()}, repeats=repeats, warmup=3,
+                          threads=threads)
+    full = summarize(samples["full"])["median_ms"]
+    return [summarize(samples[k])["median_ms"] / full for k in range(1, net.num_subnets + 1)]
 
 
 def _full_dense(net: TaggedNet) -> nn.Module:
