@@ -212,3 +212,37 @@ def test_a_rerun_resumes_finished_methods_and_trains_the_rest(split, tmp_path, m
         compare.run("lenet-5", split, methods=["slimmable"], **{**kwargs, "steps": 5})
     with pytest.raises(AssertionError, match="trained again"):
         compare.run("lenet-5", split, methods=["slimmable"], resume=False, **kwargs)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["us", "nonuniform", "individual"])
+def test_a_method_interrupted_mid_training_resumes_from_its_checkpoints_exactly(split, tmp_path, method):
+    """One phase with its own generator (US), a warm-up then a sandwich phase (non-uniform), one
+    phase per subnet (individual): killed at step 6 of 10, the rerun takes the checkpointed steps
+    and ends with the weights and log of an uninterrupted run."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    kwargs = dict(methods=[method], budgets=[0.4, 0.9], steps=10, batch_size=BATCH, latency_repeats=0)
+    whole = compare.run("lenet-5", split, out=tmp_path / "whole", **kwargs)["methods"][method]
+    calls = []
+
+    def die(*_):
+        calls.append(1)
+        if len(calls) == 6:
+            raise _Interrupt
+
+    handle = register_optimizer_step_post_hook(die)
+    try:
+        with pytest.raises(_Interrupt):
+            compare.run("lenet-5", split, out=tmp_path / "cut", **kwargs)
+    finally:
+        handle.remove()
+    assert list((tmp_path / "cut" / "compare.partial" / f"{method}.work").glob("*/checkpoint*"))
+    resumed = compare.run("lenet-5", split, out=tmp_path / "cut", **kwargs)["methods"][method]
+    assert resumed["resumed_steps"] >= 4 and resumed["counted_optimizer_steps"] == 10 - resumed["resumed_steps"]
+    assert resumed["weights_fingerprint"] == whole["weights_fingerprint"]
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["phases"] == whole["phases"]
+    assert not (tmp_path / "cut" / "compare.partial" / f"{method}.work").exists()  # removed once saved

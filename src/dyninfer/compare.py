@@ -15,10 +15,12 @@ export per subnet for timing (``net.export(k)``, else :func:`dyninfer.export.sub
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ from dyninfer import cost, export, models, report
 from dyninfer import data as data_module
 from dyninfer.data import ImageSet
 from dyninfer.methods import baselines, nonuniform, stepping  # noqa: F401  (importing a method module registers it)
+from dyninfer.methods.budget import checkpointed
 from dyninfer.methods.registry import Setup, get_method, list_methods
 from dyninfer.methods.stepping import check_budgets
 from dyninfer.nn.tagged import fold_module
@@ -228,14 +231,21 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
             continue
         log.info("%s: training (%d steps x %d)", name, steps, batch_size)
         start = time.perf_counter()
-        with _StepCounter() as counter:
+        work = cache.work_folder(name, key, fresh=not resume) if cache is not None else None
+        with _StepCounter() as counter, (checkpointed(work, cache.work_key(key)) if work is not None
+                                         else contextlib.nullcontext(lambda: 0)) as resumed_steps:
             net = BUILDERS[name](setup)
+            resumed = resumed_steps()
         seconds = time.perf_counter() - start
         history = getattr(net, "history", {}) or {}
         reported = history.get("optimizer_steps")
-        if not (counter.count == reported == steps):
+        if not (counter.count + resumed == reported == steps):
             raise RuntimeError(f"{name} broke the training budget: {steps} optimizer steps were allotted, "
-                               f"its log reports {reported} and {counter.count} optimizer.step() calls were counted")
+                               f"its log reports {reported} and {counter.count} optimizer.step() calls were counted"
+                               + (f" after {resumed} taken from its checkpoints" if resumed else ""))
+        if resumed:
+            log.info("%s: %d of its %d steps were taken from the checkpoints of an interrupted run", name, resumed,
+                     steps)
         samples = history.get("samples")
         if samples != steps * batch_size:
             raise RuntimeError(f"{name} trained on {samples} samples; the budget is {steps} x {batch_size}")
@@ -250,7 +260,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
             "accuracy": accuracies, "incremental": incremental,
             "path_mac_fraction": (float(path()) if callable(path) else fractions[-1]) if incremental else None,
             "recompute_mac_fraction": float(sum(scratch)),  # each subnet from scratch: its rectangles
-            "optimizer_steps": reported, "counted_optimizer_steps": counter.count, "samples": samples,
+            "optimizer_steps": reported, "counted_optimizer_steps": counter.count, "resumed_steps": resumed,
+            "samples": samples,
             "phases": history.get("phases", {}), "train_seconds": seconds,
             # what was trained, as a content hash of the weights: two seeded runs agree on it
             "weights_fingerprint": ckpt.fingerprint(net.state_dict()),
@@ -261,6 +272,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         nets[name] = net
         if cache is not None:
             cache.save(name, key, results[name], net)
+            if work is not None and all(p.exists() for p in cache._paths(name)):  # saved: checkpoints not needed
+                shutil.rmtree(work, ignore_errors=True)
         log.info("%s: %.0f s; MACs %s; accuracy %s", name, seconds, " ".join(f"{f:.3f}" for f in fractions),
                  " ".join(f"{a:.4f}" for a in accuracies))
 
@@ -333,6 +346,17 @@ class _PartialResults:
     def __init__(self, out: str | Path, stem: str, settings: dict):
         self.folder = Path(out) / f"{stem}.partial"
         self.settings = json.loads(json.dumps(settings, default=str))
+
+    def work_key(self, key: dict) -> dict:
+        return {"settings": self.settings, "key": key}
+
+    def work_folder(self, name: str, key: dict, fresh: bool) -> Path:
+        """Where ``name`` checkpoints while it trains (``<stem>.partial/<name>.work``): resumed by a
+        rerun with the same settings, removed once the method's result is saved."""
+        folder = self.folder / f"{name}.work"
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+        return folder
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.folder / f"{name}.json", self.folder / f"{name}.pt"

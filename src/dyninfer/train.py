@@ -585,9 +585,11 @@ def fit(
             raise TypeError(f"{name} must be a dyninfer.data.ImageSet, got {type(data).__name__}")
     if len(train) == 0:
         raise ValueError(f"training set {train.name!r} is empty")
-    for cb in callbacks:
-        if not any(callable(getattr(cb, h, None)) for h in _HOOKS):
-            raise TypeError(f"callback {cb!r} defines none of {', '.join(_HOOKS)}")
+    stateful = {id(cb) for _, cb in _callbacks_with_state(callbacks)}
+    for cb in callbacks:  # a callback with only state (a method's generators) is checkpointed, not called
+        if not any(callable(getattr(cb, h, None)) for h in _HOOKS) and id(cb) not in stateful:
+            raise TypeError(f"callback {cb!r} defines none of {', '.join(_HOOKS)} (nor state_dict and "
+                            "load_state_dict)")
     if config.steps is None and (optimizer is not None or batches is not None or start_step):
         raise ValueError("optimizer=, batches= and start_step= belong to the step-budget mode; set TrainConfig.steps")
     if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= (config.steps or 0):

@@ -9,9 +9,14 @@ imported here, so every method module (SteppingNet's included) can use it.
 
 from __future__ import annotations
 
+import contextvars
+import json
 import math
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,26 +132,89 @@ def sgd(params, config: BaselineConfig, lr: float | None = None) -> torch.optim.
 
 
 class _Record:
-    """Records each optimizer step of :func:`dyninfer.train.fit` in a :class:`StepLog`."""
+    """Records each optimizer step of :func:`dyninfer.train.fit` in a :class:`StepLog`; its state
+    (this phase's losses so far) is checkpointed, so a resumed phase logs the steps it skips."""
 
     def __init__(self, log: StepLog, phase: str, batch: int):
         self.log, self.phase, self.batch = log, phase, batch
+        self.losses: list[float] = []
 
     def on_batch_end(self, state: TrainerState) -> None:
-        self.log.record(self.batch, self.phase, float(state.loss))
+        self.losses.append(float(state.loss))
+        self.log.record(self.batch, self.phase, self.losses[-1])
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = [float(v) for v in state["losses"]]
+        for value in self.losses:
+            self.log.record(self.batch, self.phase, value)
+        _resumed_steps.set(_resumed_steps.get() + len(self.losses))
+
+
+class _Generators:
+    """Checkpoints the state of the generators a method draws its own choices from (US widths,
+    the sandwich's middle subnets, sampled (depth, width) cells), so a resumed run draws on."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def state_dict(self) -> dict:
+        return {"states": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for g, saved in zip(self.generators, state["states"], strict=True):
+            g.set_state(saved)
+
+
+_work: contextvars.ContextVar[list | None] = contextvars.ContextVar("dyninfer_budget_work", default=None)
+_resumed_steps: contextvars.ContextVar[int] = contextvars.ContextVar("dyninfer_resumed_steps", default=0)
+
+
+@contextmanager
+def checkpointed(folder: str | Path, key: dict) -> Iterator[Callable[[], int]]:
+    """Every :func:`run_steps` inside the block checkpoints into ``folder`` (one subfolder per
+    call, numbered in call order) and resumes from what an interrupted run with the same ``key``
+    left there; a different key starts the folder afresh. Yields a function giving the optimizer
+    steps taken from checkpoints instead of run (a budget check counts them as done)."""
+    folder = Path(folder)
+    stamp = folder / "key.json"
+    wanted = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != wanted):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(wanted, sort_keys=True))
+    token, resumed = _work.set([folder, 0]), _resumed_steps.set(0)
+    try:
+        yield _resumed_steps.get
+    finally:
+        _work.reset(token)
+        _resumed_steps.reset(resumed)
 
 
 def run_steps(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               optimizer: torch.optim.Optimizer, stream: BatchStream, steps: int, log: StepLog, phase: str,
-              progress: bool = False, callbacks: Sequence[Any] = ()) -> None:
+              progress: bool = False, callbacks: Sequence[Any] = (),
+              generators: Sequence[torch.Generator] = ()) -> None:
     """``steps`` optimizer steps of ``loss(x, y)`` on ``model`` under a cosine LR schedule, through
     the one training loop (:func:`dyninfer.train.fit`'s step-budget mode: progress, and data
-    parallelism under torchrun), each recorded in ``log`` under ``phase``."""
+    parallelism under torchrun), each recorded in ``log`` under ``phase``.
+
+    Inside :func:`checkpointed`, the phase checkpoints (model, optimizer, stream, RNG, the
+    ``generators`` the loss draws from, its log) and resumes exactly where it was interrupted."""
     if steps <= 0:
         return
     config = TrainConfig(steps=steps, batch_size=stream.batch_size, schedule="cosine", progress=progress)
+    work = _work.get()
+    out = None
+    if work is not None:
+        work[1] += 1
+        out = work[0] / f"{work[1]:02d}-{phase}"
+    extra = [_Generators(generators)] if generators else []
     fit(model, stream.data, config, loss_fn=lambda _model, x, y: loss(x, y), optimizer=optimizer, batches=stream,
-        callbacks=[*callbacks, _Record(log, phase, stream.batch_size)], desc=phase)
+        callbacks=[*callbacks, *extra, _Record(log, phase, stream.batch_size)], desc=phase, out=out,
+        resume=out is not None)
 
 
 def split_steps(total: int, parts: int) -> list[int]:

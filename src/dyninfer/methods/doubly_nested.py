@@ -519,7 +519,7 @@ def train(net: DoublyNestedNet, train_set: ImageSet, config: DoublyNestedConfig 
     log = StepLog()
     net.net.train()
     run_steps(net.net, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed), cfg.steps,
-              log, "joint", cfg.progress)
+              log, "joint", cfg.progress, generators=[generator])
     net.net.eval()
     net.history.update({"method": "doubly-nested", "config": cfg.to_dict(), **log.as_dict()})
     return net

@@ -248,7 +248,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
                 loss = loss + kd_loss(net(x, k), inplace, cfg.temperature)
             return loss
 
-        run_steps(net, sandwich, optimizer, stream, joint, log, "sandwich", cfg.progress)
+        run_steps(net, sandwich, optimizer, stream, joint, log, "sandwich", cfg.progress, generators=[generator])
     batches = -(-cfg.calibration_samples // cfg.batch_size)
     for k in range(1, n + 1):
         recalibrate_bn(net, k, batch_stream(train_set, cfg.batch_size, cfg.seed + 1000 + k), batches)

@@ -58,6 +58,16 @@ def sandwich_widths(low: float, high: float, num_random: int, generator: torch.G
     return [low, *sorted(draws), high]
 
 
+
+class _SampledWidths(list):
+    """The widths drawn at each step (kept in the history), checkpointed with the run."""
+
+    def state_dict(self) -> dict:
+        return {"widths": list(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self[:] = [list(w) for w in state["widths"]]
+
 def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: USConfig | None = None,
           *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> SlimmableNet:
     """Train a US-Net from ``model`` and return it at the widths matching ``budgets``. With
@@ -78,7 +88,7 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     widths = sampler.widths()
     n = sampler.num_subnets
     generator = torch.Generator().manual_seed(cfg.seed + 7)
-    sampled: list[list[float]] = []
+    sampled = _SampledWidths()
     optimizer = sgd(sampler.parameters(), cfg)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,11 +105,11 @@ def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], c
     log = StepLog()
     sampler.train()
     run_steps(sampler, loss_fn, optimizer, batch_stream(train_set, cfg.batch_size, cfg.seed),
-              cfg.steps, log, "sandwich", cfg.progress)
+              cfg.steps, log, "sandwich", cfg.progress, callbacks=[sampled], generators=[generator])
 
     net = deploy(model, train_set, budgets, cfg, reference_macs=reference)
     net.history.update({"config": cfg.to_dict(), "batch_size": cfg.batch_size, "width_range": [low, high],
-                        "sampled_widths": sampled, **log.as_dict()})
+                        "sampled_widths": list(sampled), **log.as_dict()})
     return net
 
 
