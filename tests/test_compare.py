@@ -218,14 +218,17 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["us", "nonuniform", "individual"])
-def test_a_method_interrupted_mid_training_resumes_from_its_checkpoints_exactly(split, tmp_path, method):
+@pytest.mark.parametrize("method, options", [("us", {}), ("nonuniform", {}), ("individual", {}),
+                                             ("stepping", {"iterations": 3})])
+def test_a_method_interrupted_mid_training_resumes_from_its_checkpoints_exactly(split, tmp_path, method, options):
     """One phase with its own generator (US), a warm-up then a sandwich phase (non-uniform), one
-    phase per subnet (individual): killed at step 6 of 10, the rerun takes the checkpointed steps
-    and ends with the weights and log of an uninterrupted run."""
+    phase per subnet (individual), SteppingNet's construction (its own checkpoint per iteration):
+    killed at step 6 of 10, the rerun takes the checkpointed steps and ends with the weights and
+    log of an uninterrupted run."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    kwargs = dict(methods=[method], budgets=[0.4, 0.9], steps=10, batch_size=BATCH, latency_repeats=0)
+    kwargs = dict(methods=[method], budgets=[0.4, 0.9], steps=10, batch_size=BATCH, latency_repeats=0,
+                  options={method: options} if options else None)
     whole = compare.run("lenet-5", split, out=tmp_path / "whole", **kwargs)["methods"][method]
     calls = []
 
@@ -240,7 +243,8 @@ def test_a_method_interrupted_mid_training_resumes_from_its_checkpoints_exactly(
             compare.run("lenet-5", split, out=tmp_path / "cut", **kwargs)
     finally:
         handle.remove()
-    assert list((tmp_path / "cut" / "compare.partial" / f"{method}.work").glob("*/checkpoint*"))
+    assert [p for p in (tmp_path / "cut" / "compare.partial" / f"{method}.work").rglob("*.safetensors")
+            if "checkpoint" in p.name or "construction" in p.name]
     resumed = compare.run("lenet-5", split, out=tmp_path / "cut", **kwargs)["methods"][method]
     assert resumed["resumed_steps"] >= 4 and resumed["counted_optimizer_steps"] == 10 - resumed["resumed_steps"]
     assert resumed["weights_fingerprint"] == whole["weights_fingerprint"]

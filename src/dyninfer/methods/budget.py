@@ -150,7 +150,7 @@ class _Record:
         self.losses = [float(v) for v in state["losses"]]
         for value in self.losses:
             self.log.record(self.batch, self.phase, value)
-        _resumed_steps.set(_resumed_steps.get() + len(self.losses))
+        note_resumed(len(self.losses))
 
 
 class _Generators:
@@ -191,6 +191,19 @@ def checkpointed(folder: str | Path, key: dict) -> Iterator[Callable[[], int]]:
     finally:
         _work.reset(token)
         _resumed_steps.reset(resumed)
+
+
+def work_path(name: str) -> Path | None:
+    """Where a method that keeps its own checkpoints (SteppingNet's construction) puts ``name``
+    inside the active :func:`checkpointed` block; None outside one."""
+    work = _work.get()
+    return None if work is None else work[0] / name
+
+
+def note_resumed(steps: int) -> None:
+    """Count ``steps`` optimizer steps as taken from a checkpoint (inside :func:`checkpointed`)."""
+    if _work.get() is not None:
+        _resumed_steps.set(_resumed_steps.get() + int(steps))
 
 
 def run_steps(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

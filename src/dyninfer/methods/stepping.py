@@ -31,7 +31,7 @@ from dyninfer.checks import check_path, check_subnet
 from dyninfer.data import BatchStream, ImageSet
 from dyninfer.methods.face import TaggedSubnets, load_tagged
 from dyninfer.methods.budget import (
-    BaselineConfig, StepLog, batch_stream, distilled_loss, run_steps, sgd,
+    BaselineConfig, StepLog, batch_stream, distilled_loss, note_resumed, run_steps, sgd, work_path,
 )
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, check_expansion, register_method
 from dyninfer.models.registry import original_macs
@@ -909,8 +909,9 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
 
     rounds = _ConstructionRounds(net, cfg, history, limits, budgets, reference, amount, carried, optimizer,
                                  stream, meets, checkpoint)
+    per_iteration = cfg.batches_per_iteration * rounds.training.steps_per_batch
+    note_resumed(first * per_iteration)  # a budget counted by the caller includes the restored iterations
     if first < cfg.iterations and not history["budgets_met"]:
-        per_iteration = cfg.batches_per_iteration * rounds.training.steps_per_batch
         loop = TrainConfig(steps=cfg.iterations * per_iteration, batch_size=cfg.batch_size, schedule="none",
                            seed=cfg.seed, progress=cfg.progress, checkpoint_every=per_iteration)
         with torch.random.fork_rng():  # seeded per iteration; leave the caller's RNG as it was
@@ -1309,7 +1310,8 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
     model = s.create(expansion)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        net = construct(model, s.train, s.budgets, config, reference_macs=s.reference_macs)
+        net = construct(model, s.train, s.budgets, config, reference_macs=s.reference_macs,
+                        checkpoint=work_path("construction"))  # inside compare: resumes an interrupted run
     construct_steps = len(net.history["iterations"]) * per_iteration
     steplog.add(construct_steps, s.batch_size, "construct")
     retrain_steps = remaining - construct_steps
