@@ -250,3 +250,42 @@ def test_a_method_interrupted_mid_training_resumes_from_its_checkpoints_exactly(
     assert resumed["weights_fingerprint"] == whole["weights_fingerprint"]
     assert resumed["accuracy"] == whole["accuracy"] and resumed["phases"] == whole["phases"]
     assert not (tmp_path / "cut" / "compare.partial" / f"{method}.work").exists()  # removed once saved
+
+
+def test_a_causal_subnet_from_scratch_is_timed_both_ways_and_reports_the_macs_of_the_faster(split, tmp_path,
+                                                                                            monkeypatch):
+    """compare times each causal subnet as its dense rectangles and as its chain of steps; where the
+    chain is faster (here: made so), the chain is what is reported, and its MACs are what a session
+    stepping 1 -> k executes (FlopCounterMode), not the rectangles'."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    real = compare.measure_latency
+
+    def chains_win(configs, *args, **kwargs):
+        timed = real(configs, *args, **kwargs)
+        for key, entry in timed.items():
+            if key[1] in ("chain", "path"):
+                entry["ms"] = 1e-6
+        return timed
+
+    monkeypatch.setattr(compare, "measure_latency", chains_win)
+    record = compare.run("lenet-5", split, methods=["stepping", "slimmable"], budgets=[0.3, 0.6, 0.9], steps=4,
+                         batch_size=BATCH, out=tmp_path, latency_batch=2, latency_repeats=1)
+    stepped = record["methods"]["stepping"]
+    assert stepped["scratch_execution"] == ["rectangle", "chain", "chain"]
+    assert record["methods"]["slimmable"]["scratch_execution"] == ["dense"] * 3
+    assert stepped["latency_ms"][1:] == [1e-6, 1e-6]
+    net = torch.load(tmp_path / "compare.partial" / "stepping.pt", weights_only=False).eval()
+    rectangles = net.mac_fractions(path="scratch")  # the saved net: rectangles, as trained
+    x = torch.randn(3, *split[0].input_shape)
+    net.start(x)  # builds the compacted form outside the count
+    for k in (2, 3):
+        with FlopCounterMode(display=False) as counter:
+            session = net.start(x)
+            for _ in range(k - 1):
+                session.step()
+        chain = counter.get_total_flops() / 2 / x.shape[0] / net.reference_macs
+        assert stepped["scratch_mac_fractions"][k - 1] == pytest.approx(chain, rel=1e-9)
+        assert chain < rectangles[k - 1]  # a different figure: the rectangles multiply the zero upper blocks
+    text = (tmp_path / "compare.md").read_text()
+    assert "| layout | as |" in text and "| chain |" in text

@@ -12,6 +12,7 @@ import torch
 
 from helpers import random_tags
 from dyninfer import cost, export, models
+from dyninfer.runtime.bench import scratch_times
 from dyninfer.methods.stepping import SteppingNet
 from dyninfer.nn.tagged import TaggedSequential
 from dyninfer.runtime import compact, latency, predict
@@ -478,6 +479,25 @@ def test_bench_command_writes_the_json_keys(tmp_path, capsys):
         assert s["ratios"]["mac_ratio"][-1] == 1.0 and s["ratios"]["subnet_over_largest"][-1] == 1.0
     assert "| subnet |" in (run / "bench.md").read_text()
     assert "machine:" in capsys.readouterr().out
+
+
+def test_bench_can_save_the_faster_from_scratch_execution_into_the_run(tmp_path, capsys):
+    run = make_run(tmp_path)
+    before = SteppingNet.load(run / "stepping")
+    assert cli(["bench", str(run), "--batches", "2", "--threads", "1", "--repeats", "2", "--warmup", "0", "--quiet",
+                "--choose-scratch"]) == 0
+    data = json.loads((run / "bench.json").read_text())
+    rows = data["scratch_choice"]["subnets"]
+    rectangles, chains = scratch_times(data["settings"][0])  # the times printed in the tables
+    assert [r["chosen"] for r in rows] == ["rectangle"] + [
+        "chain" if c < r else "rectangle" for r, c in zip(rectangles[1:], chains[1:])]
+    after = SteppingNet.load(run / "stepping")
+    assert after.scratch_execution == [r["chosen"] for r in rows]
+    assert after.macs() == before.macs()
+    assert after.macs(path="scratch") == data["scratch_choice"]["scratch_macs"]
+    x = torch.randn(3, *after.input_shape)
+    torch.testing.assert_close(after.eval()(x, subnet=N), before.eval()(x, subnet=N))  # same weights
+    assert "--choose-scratch" in data["command"] and "from scratch as" in capsys.readouterr().out
 
 
 def test_a_non_finite_input_row_spoils_only_its_own_logits():

@@ -69,10 +69,13 @@ class _StepCounter:
 
 
 # ---------------------------------------------------------------------------- timing
-def _path_fn(method) -> Callable[[torch.Tensor], None]:
+def _path_fn(method, to: int | None = None) -> Callable[[torch.Tensor], None]:
+    """A session from subnet 1 stepping up to subnet ``to`` (default: the largest)."""
+    to = method.num_subnets if to is None else to
+
     def path(x: torch.Tensor) -> None:
         run = method.start(x)
-        while run.can_step():
+        while run.reached < to and run.can_step():
             run.step()
 
     return path
@@ -282,12 +285,22 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         for name, net in nets.items():
             for k in range(1, net.num_subnets + 1):
                 configs[(name, k)] = (None, export.dense(net, k))
+                if callable(getattr(net, "prefer_faster", None)) and 1 < k < net.num_subnets:
+                    configs[(name, "chain", k)] = (_path_fn(net, k), None)  # subnet k as its chain of steps
             if results[name]["incremental"]:
                 configs[(name, "path")] = (_path_fn(net), None)
         timed = measure_latency(configs, train.input_shape, latency_batch, latency_repeats)
         base = timed[("original", 1)]["ms"]
         for name, net in nets.items():
             rows = [timed[(name, k)] for k in range(1, net.num_subnets + 1)]
+            if callable(getattr(net, "prefer_faster", None)):  # a causal net: rectangle or chain, by measurement
+                chains = [timed[(name, 1)]] + [timed[(name, "chain", k)] for k in range(2, net.num_subnets)] + [
+                    timed[(name, "path")]]
+                net.prefer_faster([r["ms"] for r in rows], [c["ms"] for c in chains])
+                rows = [c if e == "chain" else r for r, c, e in zip(rows, chains, net.scratch_execution)]
+                results[name]["scratch_mac_fractions"] = [float(f) for f in net.mac_fractions(path="scratch")]
+                results[name]["recompute_mac_fraction"] = float(sum(results[name]["scratch_mac_fractions"]))
+            results[name]["scratch_execution"] = list(getattr(net, "scratch_execution", ["dense"] * net.num_subnets))
             results[name]["latency_ms"] = [r["ms"] for r in rows]
             results[name]["latency_layout"] = [r["layout"] for r in rows]
             results[name]["latency_vs_original"] = [r["ms"] / base for r in rows]
@@ -450,16 +463,19 @@ def markdown(record: dict) -> str:
     lines += ["By the MACs of subnet k's live weights on the incremental path (stepping up to it; its dense "
               "step blocks also multiply pruned weights as zeros; for methods without a path, running it):", "", markdown_table(headers, matched_rows("matched")), ""]
     if "matched_scratch" in record:
-        lines += ["By the MACs one from-scratch execution of subnet k multiplies (its dense export, the one timed "
-                  "below; a causal net's zero upper blocks and pruned weights count):", "",
+        lines += ["By the MACs one from-scratch execution of subnet k multiplies, the one timed below: its dense "
+                  "export (a causal net's zero upper blocks and pruned weights count), or for a causal net whose "
+                  "chain of step blocks (a session 1 -> k) was measured faster, that chain (the causal triangle, "
+                  "pruned weights included):", "",
                   markdown_table(headers, matched_rows("matched_scratch")), ""]
 
     timed = "latency_ms" in next(iter(methods.values()))
     lines += ["## Every subnet", ""]
     if timed:
         lat = record["latency"]
-        lines += [f"Latency: median of {lat['repeats']} interleaved runs at batch {lat['batch']} of the dense "
-                  f"export (BatchNorm folded; the faster of NCHW and channels_last), on a shared, noisy machine: "
+        lines += [f"Latency: median of {lat['repeats']} interleaved runs at batch {lat['batch']} of the from-scratch "
+                  f"execution ('as': the dense export, BatchNorm folded, or a causal net's chain of steps where that "
+                  f"was measured faster; the faster of NCHW and channels_last), on a shared, noisy machine: "
                   f"compare ratios, not absolute times. Original network: {lat['original']['ms']:.3f} ms "
                   f"({lat['original']['layout']}). SteppingNet's dense blocks keep pruned weights as zeros.", ""]
     rows = []
@@ -468,10 +484,11 @@ def markdown(record: dict) -> str:
             row = [name, k + 1, _pct(r["mac_fractions"][k]),
                    _pct(r["scratch_mac_fractions"][k]) if "scratch_mac_fractions" in r else "-", _pct(r["accuracy"][k])]
             if timed:
-                row += [f"{r['latency_ms'][k]:.3f}", f"{r['latency_vs_original'][k]:.3f}", r["latency_layout"][k]]
+                row += [f"{r['latency_ms'][k]:.3f}", f"{r['latency_vs_original'][k]:.3f}", r["latency_layout"][k],
+                        r.get("scratch_execution", ["dense"] * r["num_subnets"])[k]]
             rows.append(row)
     headers = ["method", "subnet", "MACs % (incremental)", "MACs % (from scratch)", "accuracy %"] + (
-        ["latency ms (from scratch)", "vs original", "layout"] if timed else [])
+        ["latency ms (from scratch)", "vs original", "layout", "as"] if timed else [])
     lines += [markdown_table(headers, rows), ""]
 
     lines += ["## Incremental cost: smallest -> largest subnet", "",

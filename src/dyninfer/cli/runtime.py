@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dyninfer import argtypes, data, export, runs
+from dyninfer import checkpoint as ckpt
 from dyninfer import report
 from dyninfer.methods.stepping import SteppingNet
 from dyninfer.runtime import bench
@@ -127,13 +128,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run)
     command = _command(args, "bench", [("--batches", args.batches), ("--threads", args.threads),
                                        ("--repeats", args.repeats), ("--warmup", args.warmup),
+                                       ("--choose-scratch", args.choose_scratch or None),
                                        ("--out", args.out)])
     machine = report.machine()
     print(f"{command}\nmachine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
     result = bench.run_bench(net, batches=args.batches, threads=args.threads, repeats=args.repeats,
                              warmup=args.warmup, progress=not args.quiet)
     result["command"] = command
+    if args.choose_scratch:  # the first setting decides; its times are in the tables below
+        rows = net.prefer_faster(*bench.scratch_times(result["settings"][0]))
+        tensors, saved = ckpt.load(Path(args.run) / "stepping")
+        ckpt.save(Path(args.run) / "stepping", tensors, {**saved, "scratch_execution": net.scratch_execution})
+        first = result["settings"][0]
+        result["scratch_choice"] = {"batch": first["batch"], "threads": first["threads"], "subnets": rows,
+                                    "scratch_macs": [int(m) for m in net.macs(path="scratch")]}
     text = bench.markdown(result, title=f"Runtime benchmark of {args.run}")
+    if args.choose_scratch:
+        choice = result["scratch_choice"]
+        text += "\n\n" + report.markdown_table(
+            ["subnet", "rectangles ms", "chain ms", "from scratch as", "MACs from scratch"],
+            [(r["subnet"], f"{r['rectangle_ms']:.3f}", f"{r['chain_ms']:.3f}", r["chosen"], f"{m:,}")
+             for r, m in zip(choice["subnets"], choice["scratch_macs"])])
+        text += (f"\n\nSaved into {args.run}: eval-mode `net(x, subnet=k)` runs the chosen execution and "
+                 f"`mac_fractions(path=\"scratch\")` counts it (chosen at batch {choice['batch']}, "
+                 f"{choice['threads']} thread(s)).")
     md, js = report.write(out, "bench", text, result)
     print(text)
     print(f"wrote {md} and {js}")
@@ -209,6 +227,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--repeats", type=argtypes.positive_int, default=20, help="timed runs per configuration (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per configuration first (default 5)")
     p.add_argument("--out", default=None, help="where bench.md/bench.json go (default: the run directory)")
+    p.add_argument("--choose-scratch", action="store_true",
+                   help="keep, per subnet, the faster from-scratch execution (dense rectangles or the chain of "
+                        "step blocks) at the first batch and thread count, and save the choice into the run")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 

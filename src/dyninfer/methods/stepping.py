@@ -36,7 +36,7 @@ from dyninfer.methods.budget import (
 from dyninfer.methods.registry import DEFAULT_EXPANSION, Setup, check_expansion, register_method
 from dyninfer.models.registry import original_macs
 from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
-from dyninfer.runtime.bench import bench_setting
+from dyninfer.runtime.bench import bench_setting, scratch_times
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
 from dyninfer.train import FrozenTeacher, TrainConfig, derive_seed, fit, kd_loss as shared_kd_loss
@@ -757,13 +757,18 @@ class SteppingNet(TaggedSubnets, nn.Module):
         Returns, per subnet, both medians (ms) and the choice; :meth:`save` keeps the choice.
         """
         setting = bench_setting(self.compact(), batch, threads or torch.get_num_threads(), repeats=repeats)
-        steps = [s["median_ms"] for s in setting["path"]["steps"]]
-        rows = []
-        for k in range(1, self.num_subnets + 1):
-            rectangle = setting["scratch"][k - 1]["compact"]["best"]["median_ms"]
-            chain = sum(steps[:k])  # k = 1: both are the same pass; keep the rectangle
-            rows.append({"subnet": k, "rectangle_ms": rectangle, "chain_ms": chain,
-                         "chosen": "chain" if k > 1 and chain < rectangle else "rectangle"})
+        return self.prefer_faster(*scratch_times(setting))
+
+    def prefer_faster(self, rectangle_ms: Sequence[float], chain_ms: Sequence[float]) -> list[dict]:
+        """Keep, per subnet, the from-scratch execution measured faster (``rectangle_ms[k-1]``: one
+        pass of dense rectangles; ``chain_ms[k-1]``: a session stepping 1 -> k); subnet 1's two are
+        the same pass and stay the rectangle. Returns both times and the choice per subnet."""
+        if len(rectangle_ms) != self.num_subnets or len(chain_ms) != self.num_subnets:
+            raise ValueError(f"need one rectangle and one chain time per subnet ({self.num_subnets}), got "
+                             f"{len(rectangle_ms)} and {len(chain_ms)}")
+        rows = [{"subnet": k, "rectangle_ms": float(r), "chain_ms": float(c),
+                 "chosen": "chain" if k > 1 and c < r else "rectangle"}
+                for k, (r, c) in enumerate(zip(rectangle_ms, chain_ms), start=1)]
         self.scratch_execution = [r["chosen"] for r in rows]
         return rows
 

@@ -98,6 +98,14 @@ def bench_setting(net, batch: int, threads: int, *, repeats: int = 20, warmup: i
             "scratch": scratch, "path": path, "ratios": ratios}
 
 
+def scratch_times(setting: dict) -> tuple[list[float], list[float]]:
+    """Per subnet, from one :func:`bench_setting`: the median ms of one pass of its dense
+    rectangles (best layout), and of its chain of step blocks (the path's steps 1..k)."""
+    steps = [s["median_ms"] for s in setting["path"]["steps"]]
+    rectangles = [entry["compact"]["best"]["median_ms"] for entry in setting["scratch"]]
+    return rectangles, [sum(steps[:k]) for k in range(1, len(rectangles) + 1)]
+
+
 def run_bench(net, *, batches: Sequence[int] = (1, 128), threads: Sequence[int] = (1, 2), repeats: int = 20,
               warmup: int = 5, layouts: Sequence[str] = tuple(LAYOUTS), progress: bool = False) -> dict:
     """All settings (batch x threads) for ``net``; a JSON-ready dict (see :func:`markdown`)."""
