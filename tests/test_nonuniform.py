@@ -116,6 +116,21 @@ def test_bad_options_are_clear_errors():
         nonuniform.NonUniformConfig(search="random")
 
 
+def test_an_unreachable_budget_is_refused_before_any_training(digits):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.manual_seed(0)
+    model = dy.models.create("lenet-5", num_classes=10, input_shape=SHAPE)
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(ValueError, match="below the smallest subnet"):
+            nonuniform.train(model, digits[0], [0.001, 1.0], nonuniform.NonUniformConfig(steps=20, batch_size=16))
+    finally:
+        handle.remove()
+    assert steps == []
+
+
 def test_importances_score_every_channel_of_every_group():
     torch.manual_seed(0)
     net = TaggedNet(dy.models.create("resnet-20", num_classes=10, expansion=0.5, input_shape=SHAPE), 1, SHAPE)

@@ -29,7 +29,7 @@ Counts = list[int]
 Chooser = Callable[[Counts, dict[int, int]], int]
 
 __all__ = ["dense_macs", "macs_cost", "latency_cost", "orders_of", "by_importance", "by_loss", "allocate",
-           "within_measured"]
+           "check_reachable", "within_measured"]
 
 
 def dense_macs(net: TaggedNet, counts: Sequence[int]) -> int:
@@ -102,11 +102,23 @@ def by_loss(model: torch.nn.Module, input_shape: Sequence[int], orders: Sequence
     return choose
 
 
+def check_reachable(net: TaggedNet, budgets: Sequence[float], cost: Callable[[Counts], float],
+                    multiple: int = 8) -> None:
+    """Refuse a budget below the cheapest subnet the rounding allows (one step of every group),
+    before any training: the same error :func:`allocate` would raise after it."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    smallest = [chunk(w, multiple) for w in net.widths()]
+    if cost(smallest) > min(budgets) * (1 + 1e-12):
+        raise ValueError(f"budget {min(budgets)} is below the smallest subnet these widths allow "
+                         f"(cost {cost(smallest):.4f} at {smallest} channels, multiple {multiple}); "
+                         f"use a larger budget or a smaller multiple")
+
+
 def allocate(net: TaggedNet, budgets: Sequence[float], cost: Callable[[Counts], float], choose: Chooser,
              multiple: int = 8) -> list[Counts]:
     """Counts per tag group for each budget (ascending budgets -> nested, strictly growing subnets)."""
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    check_reachable(net, budgets, cost, multiple)
     widths = net.widths()
     counts = list(widths)
     out: list[Counts] = []

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from dyninfer.data import ImageSet
 from dyninfer.methods.allocate import (
-    allocate, by_importance, by_loss, dense_macs, latency_cost, macs_cost, orders_of, within_measured,
+    allocate, by_importance, by_loss, check_reachable, dense_macs, latency_cost, macs_cost, orders_of, within_measured,
 )
 from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recalibrate_bn, reference_of
 from dyninfer.methods.baselines.individual import reinitialise
@@ -166,14 +166,11 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
     scores = IMPORTANCES[importance](net)
     orders = orders_of(scores)
     history: dict = {"by": by, "search": search, "importance": importance, "multiple": multiple}
-    if by == "latency":
-        table = latency_table or build_table(net, batch=latency_batch, multiple=multiple, cache_dir=cache_dir)
-        cost = latency_cost(net, table)
+    cost, table = _cost(net, by, reference, latency_batch, multiple, cache_dir, latency_table)
+    if table is not None:
         history["latency_table"] = {"key": table.key, "batch": table.batch, "threads": table.threads,
                                     "overhead_ms": table.overhead_ms,
                                     "full_ms": table.predict(net, net.widths())}
-    else:
-        cost = macs_cost(net, reference)
     if search == "greedy":
         if held_out is None:
             raise ValueError("the greedy search needs held_out=(x, y), a batch of training images to score candidate "
@@ -184,7 +181,9 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
     if by == "latency" and latency_checks and (latency_table is None or measure is not None):
         def timed(counts: list[list[int]]) -> list[float]:
             net.set_prefix_tags(counts, order=orders)
-            return (measure or (lambda n: measured_fractions(n, batch=latency_batch)))(net.eval())
+            measured = (measure or (lambda n: measured_fractions(n, batch=latency_batch)))(net.eval())
+            # the full widths are the reference itself: 1 by definition, whatever the timing noise
+            return [1.0 if c == net.widths() else m for c, m in zip(counts, measured)]
 
         counts, trail = within_measured(lambda b: allocate(net, b, cost, choose, multiple), budgets, cost, timed,
                                         latency_checks)
@@ -199,6 +198,16 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
     return NonUniformNet(net, budgets, reference, [float("nan")] * len(budgets), history)
 
 
+def _cost(net: TaggedNet, by: str, reference: int, latency_batch: int, multiple: int, cache_dir: str | None,
+          latency_table: LatencyTable | None) -> tuple[Callable[[list[int]], float], LatencyTable | None]:
+    """The cost budgets are fractions of: MACs of ``reference``, or the full net's predicted latency
+    (``latency_table``, or one measured on this device and cached in ``cache_dir``)."""
+    if by != "latency":
+        return macs_cost(net, reference), None
+    table = latency_table or build_table(net, batch=latency_batch, multiple=multiple, cache_dir=cache_dir)
+    return latency_cost(net, table), table
+
+
 def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], config: NonUniformConfig | None = None,
           *, reference_macs: int | None = None, cache_dir: str | None = None,
           teacher: nn.Module | None = None) -> NonUniformNet | SubnetList:
@@ -210,6 +219,9 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
     budgets = check_budgets(budgets)
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
+    probe = TaggedNet(model, 1, shape, rule="full")  # shares the model's layers; only shapes are read
+    check_reachable(probe, budgets, _cost(probe, cfg.by, reference, cfg.latency_batch, cfg.multiple, cache_dir,
+                                          None)[0], cfg.multiple)  # before any training
     torch.manual_seed(cfg.seed)
     log = StepLog()
     warmup = round(cfg.steps * cfg.warmup_fraction)
