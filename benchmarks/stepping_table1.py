@@ -96,7 +96,7 @@ def write_run_json(run_dir: Path, model_name: str, data_name: str, original: flo
 
 
 def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: Path, seed: int,
-            resume: bool = True) -> dict:
+            resume: bool = True, paper_budgets: bool = False) -> dict:
     train_set, test_set = dy.data.load(data_name)
     teacher, original, teacher_epoch_s, teacher_epochs = teacher_for(
         model_name, data_name, train_set, test_set, preset["teacher_epochs"], runs, preset.get("teacher_lr", 0.05))
@@ -107,10 +107,12 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
     torch.manual_seed(seed)
     model = dy.models.create(model_name, num_classes=train_set.num_classes, expansion=EXPANSION[model_name],
                              input_shape=train_set.input_shape)
-    run_dir = runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}"
+    run_dir = runs.parent / "stepping" / f"{model_name}-{data_name}-{schedule}{'-paper-budgets' if paper_budgets else ''}"
+    # the paper's reached MAC fractions as budgets: every subnet then lands at <= the paper's MACs
+    budgets = [m / 100 for m in PAPER[(model_name, data_name)]["macs"]] if paper_budgets else BUDGETS[model_name]
     # Both phases checkpoint into run_dir: rerunning the same command after an interruption resumes
     # them. Their times are summed from the runs' histories, so resumed parts are counted once.
-    net = construct(model, train_set, BUDGETS[model_name], config, checkpoint=run_dir / "construction",
+    net = construct(model, train_set, budgets, config, checkpoint=run_dir / "construction",
                     resume=resume)
     construction_s = net.history["construction_seconds"]
     iterations = len(net.history["iterations"])
@@ -129,7 +131,7 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
     total_s = construction_s + retrain_s
     result = {
         "model": model_name, "data": data_name, "schedule": schedule, "expansion": EXPANSION[model_name],
-        "budgets": BUDGETS[model_name], "original_accuracy": original, "accuracy": accuracies,
+        "budgets": budgets, "original_accuracy": original, "accuracy": accuracies,
         "mac_fraction": fractions, "iterations_run": iterations, "trim_rounds": net.history["trim_rounds"],
         "construction_seconds": construction_s, "retrain_seconds": retrain_s,
         "construction_batches": construction_batches, "retrain_epochs": config.retrain_epochs,
@@ -185,6 +187,9 @@ def main() -> None:
     for flag, key in (("--iterations", "iterations"), ("--batches", "batches_per_iteration"),
                       ("--retrain-epochs", "retrain_epochs"), ("--teacher-epochs", "teacher_epochs")):
         parser.add_argument(flag, type=int, default=None, dest=key, help=f"override the preset's {key}")
+    parser.add_argument("--budgets", choices=("ours", "paper"), default="ours",
+                        help="ours: 15/30/60/85 %% style budgets per model; paper: the MAC fractions Table I reports, "
+                             "so each subnet lands at or below the paper's")
     parser.add_argument("--stem", default="stepping_table1")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming the checkpoints in "
                                                                "runs/stepping/<model>-<data>-<schedule>")
@@ -198,8 +203,10 @@ def main() -> None:
         preset = dict(PRESETS[args.preset][model_name])
         preset.update({k: getattr(args, k) for k in ("iterations", "batches_per_iteration", "retrain_epochs",
                                                        "teacher_epochs") if getattr(args, k) is not None})
+        if args.budgets == "paper" and (model_name, data_name) not in PAPER:
+            raise SystemExit(f"--budgets paper: Table I has no row for {model_name} on {data_name}")
         results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed,
-                               resume=not args.fresh))
+                               resume=not args.fresh, paper_budgets=args.budgets == "paper"))
         report.write(ROOT / "results", args.stem, render(results, command, args.preset),
                      {"command": command, "preset": args.preset, "machine": report.machine(), "results": results})
     print(render(results, command, args.preset))
