@@ -289,3 +289,28 @@ def test_a_causal_subnet_from_scratch_is_timed_both_ways_and_reports_the_macs_of
         assert chain < rectangles[k - 1]  # a different figure: the rectangles multiply the zero upper blocks
     text = (tmp_path / "compare.md").read_text()
     assert "| layout | as |" in text and "| chain |" in text
+
+
+def test_a_method_that_broke_its_budget_is_not_resumed_as_if_it_had_kept_it(split, tmp_path, monkeypatch):
+    """Two optimizer steps per training step break the budget; a rerun must not pass the check by
+    taking those steps back from the checkpoints and counting the log's figure instead."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch wraps SGD.step in its hooks once
+    real_step = torch.optim.SGD.step  # that wrapper: each call fires the step hooks
+
+    def twice(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        return real_step(self, *args, **kwargs)
+
+    twice.hooked = True  # already wrapped: torch must not wrap it again
+    monkeypatch.setattr(torch.optim.SGD, "step", twice)
+    kwargs = dict(methods=["slimmable"], budgets=[0.4, 0.9], steps=10, batch_size=BATCH, latency_repeats=0,
+                  out=tmp_path)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="broke the training budget"):
+            compare.run("lenet-5", split, **kwargs)
+
+
+def test_a_causal_method_with_one_subnet_is_timed_without_a_chain(split):
+    record = compare.run("lenet-5", split, methods=["anywidth"], budgets=[0.5], steps=2, batch_size=BATCH,
+                         latency_batch=2, latency_repeats=1)
+    assert record["methods"]["anywidth"]["scratch_execution"] == ["rectangle"]

@@ -12,7 +12,6 @@ import torch
 
 from helpers import random_tags
 from dyninfer import cost, export, models
-from dyninfer.runtime.bench import scratch_times
 from dyninfer.methods.stepping import SteppingNet
 from dyninfer.nn.tagged import TaggedSequential
 from dyninfer.runtime import compact, latency, predict
@@ -488,9 +487,12 @@ def test_bench_can_save_the_faster_from_scratch_execution_into_the_run(tmp_path,
                 "--choose-scratch"]) == 0
     data = json.loads((run / "bench.json").read_text())
     rows = data["scratch_choice"]["subnets"]
-    rectangles, chains = scratch_times(data["settings"][0])  # the times printed in the tables
-    assert [r["chosen"] for r in rows] == ["rectangle"] + [
-        "chain" if c < r else "rectangle" for r, c in zip(rectangles[1:], chains[1:])]
+    setting = data["settings"][0]  # from the raw timings: subnet k's chain is the path's first k steps
+    steps = [s["median_ms"] for s in setting["path"]["steps"]]
+    for k, row in enumerate(rows, start=1):
+        assert row["rectangle_ms"] == setting["scratch"][k - 1]["compact"]["best"]["median_ms"]
+        assert row["chain_ms"] == pytest.approx(sum(steps[:k]))
+        assert row["chosen"] == ("chain" if k > 1 and row["chain_ms"] < row["rectangle_ms"] else "rectangle")
     after = SteppingNet.load(run / "stepping")
     assert after.scratch_execution == [r["chosen"] for r in rows]
     assert after.macs() == before.macs()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import dyninfer
 from dyninfer import checkpoint as ckpt
@@ -56,8 +57,6 @@ class _StepCounter:
 
     def __enter__(self) -> "_StepCounter":
         self.count = 0
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
         self._handle = register_optimizer_step_post_hook(self._hook)
         return self
 
@@ -242,6 +241,9 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         seconds = time.perf_counter() - start
         history = getattr(net, "history", {}) or {}
         reported = history.get("optimizer_steps")
+        if not (counter.count + resumed == reported == steps) or history.get("samples") != steps * batch_size:
+            if work is not None:  # what broke the budget must not be resumed as if it had not
+                shutil.rmtree(work, ignore_errors=True)
         if not (counter.count + resumed == reported == steps):
             raise RuntimeError(f"{name} broke the training budget: {steps} optimizer steps were allotted, "
                                f"its log reports {reported} and {counter.count} optimizer.step() calls were counted"
@@ -274,8 +276,7 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         }
         nets[name] = net
         if cache is not None:
-            cache.save(name, key, results[name], net)
-            if work is not None and all(p.exists() for p in cache._paths(name)):  # saved: checkpoints not needed
+            if cache.save(name, key, results[name], net) and work is not None:  # saved: checkpoints not needed
                 shutil.rmtree(work, ignore_errors=True)
         log.info("%s: %.0f s; MACs %s; accuracy %s", name, seconds, " ".join(f"{f:.3f}" for f in fractions),
                  " ".join(f"{a:.4f}" for a in accuracies))
@@ -294,8 +295,8 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         for name, net in nets.items():
             rows = [timed[(name, k)] for k in range(1, net.num_subnets + 1)]
             if callable(getattr(net, "prefer_faster", None)):  # a causal net: rectangle or chain, by measurement
-                chains = [timed[(name, 1)]] + [timed[(name, "chain", k)] for k in range(2, net.num_subnets)] + [
-                    timed[(name, "path")]]
+                chains = [timed[(name, 1)]] + [timed[(name, "chain", k)] for k in range(2, net.num_subnets)] + (
+                    [timed[(name, "path")]] if net.num_subnets > 1 else [])
                 net.prefer_faster([r["ms"] for r in rows], [c["ms"] for c in chains])
                 rows = [c if e == "chain" else r for r, c, e in zip(rows, chains, net.scratch_execution)]
                 results[name]["scratch_mac_fractions"] = [float(f) for f in net.mac_fractions(path="scratch")]
@@ -389,8 +390,9 @@ class _PartialResults:
             log.warning("%s: saved result in %s not usable (%s); training it again", name, self.folder, err)
             return None
 
-    def save(self, name: str, key: dict, result: dict, net) -> None:
-        """Best effort: a net that cannot be saved (not picklable, disk full) is simply not resumable."""
+    def save(self, name: str, key: dict, result: dict, net) -> bool:
+        """Best effort: a net that cannot be saved (not picklable, disk full) is simply not resumable.
+        Returns whether both files were written."""
         meta_path, net_path = self._paths(name)
         tmp_net = tmp_meta = None
         try:
@@ -407,11 +409,13 @@ class _PartialResults:
                                             "result": result}, indent=1, default=str))
             tmp_net.replace(net_path)
             tmp_meta.replace(meta_path)
+            return True
         except Exception as err:
             log.warning("%s: not saved for resuming (%s)", name, err)
             for tmp in (tmp_net, tmp_meta):
                 if tmp is not None:
                     tmp.unlink(missing_ok=True)
+            return False
 
 
 def _fold(model: nn.Module) -> nn.Module:

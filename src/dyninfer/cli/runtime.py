@@ -137,8 +137,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result["command"] = command
     if args.choose_scratch:  # the first setting decides; its times are in the tables below
         rows = net.prefer_faster(*bench.scratch_times(result["settings"][0]))
-        tensors, saved = ckpt.load(Path(args.run) / "stepping")
-        ckpt.save(Path(args.run) / "stepping", tensors, {**saved, "scratch_execution": net.scratch_execution})
         first = result["settings"][0]
         result["scratch_choice"] = {"batch": first["batch"], "threads": first["threads"], "subnets": rows,
                                     "scratch_macs": [int(m) for m in net.macs(path="scratch")]}
@@ -152,7 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text += (f"\n\nSaved into {args.run}: eval-mode `net(x, subnet=k)` runs the chosen execution and "
                  f"`mac_fractions(path=\"scratch\")` counts it (chosen at batch {choice['batch']}, "
                  f"{choice['threads']} thread(s)).")
-    md, js = report.write(out, "bench", text, result)
+    md, js = report.write(out, "bench", text, result)  # first: a failed save below loses no timing
+    if args.choose_scratch:
+        tensors, saved = ckpt.load(Path(args.run) / "stepping")
+        ckpt.save(Path(args.run) / "stepping", tensors, {**saved, "scratch_execution": net.scratch_execution})
     print(text)
     print(f"wrote {md} and {js}")
     return 0

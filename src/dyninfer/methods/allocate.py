@@ -105,7 +105,8 @@ def by_loss(model: torch.nn.Module, input_shape: Sequence[int], orders: Sequence
 def check_reachable(net: TaggedNet, budgets: Sequence[float], cost: Callable[[Counts], float],
                     multiple: int = 8) -> None:
     """Refuse a budget below the cheapest subnet the rounding allows (one step of every group),
-    before any training: the same error :func:`allocate` would raise after it."""
+    before any training. (:func:`allocate` can still fail later on budgets so close together that
+    two subnets would need the same widths.)"""
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     smallest = [chunk(w, multiple) for w in net.widths()]

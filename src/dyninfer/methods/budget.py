@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dyninfer.data import BatchStream, ImageSet
 from dyninfer.train import FrozenTeacher, TrainConfig, TrainerState, fit, kd_loss
@@ -132,25 +133,32 @@ def sgd(params, config: BaselineConfig, lr: float | None = None) -> torch.optim.
 
 
 class _Record:
-    """Records each optimizer step of :func:`dyninfer.train.fit` in a :class:`StepLog`; its state
-    (this phase's losses so far) is checkpointed, so a resumed phase logs the steps it skips."""
+    """Records each optimizer step of :func:`dyninfer.train.fit` in a :class:`StepLog`. Its state,
+    checkpointed, is this phase's losses so far and the ``optimizer.step()`` calls counted while
+    it ran (an optimizer hook, independent of the log): a resumed phase logs the steps it skips
+    and hands the budget check the count, not the log's own figure."""
 
     def __init__(self, log: StepLog, phase: str, batch: int):
         self.log, self.phase, self.batch = log, phase, batch
         self.losses: list[float] = []
+        self.counted = 0
 
     def on_batch_end(self, state: TrainerState) -> None:
         self.losses.append(float(state.loss))
         self.log.record(self.batch, self.phase, self.losses[-1])
 
+    def count(self, *_: Any) -> None:
+        self.counted += 1
+
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses)}
+        return {"losses": list(self.losses), "counted": self.counted}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = [float(v) for v in state["losses"]]
+        self.counted = int(state["counted"])
         for value in self.losses:
             self.log.record(self.batch, self.phase, value)
-        note_resumed(len(self.losses))
+        note_resumed(self.counted)
 
 
 class _Generators:
@@ -225,9 +233,13 @@ def run_steps(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor
         work[1] += 1
         out = work[0] / f"{work[1]:02d}-{phase}"
     extra = [_Generators(generators)] if generators else []
-    fit(model, stream.data, config, loss_fn=lambda _model, x, y: loss(x, y), optimizer=optimizer, batches=stream,
-        callbacks=[*callbacks, *extra, _Record(log, phase, stream.batch_size)], desc=phase, out=out,
-        resume=out is not None)
+    record = _Record(log, phase, stream.batch_size)
+    hook = register_optimizer_step_post_hook(record.count)
+    try:
+        fit(model, stream.data, config, loss_fn=lambda _model, x, y: loss(x, y), optimizer=optimizer, batches=stream,
+            callbacks=[*callbacks, *extra, record], desc=phase, out=out, resume=out is not None)
+    finally:
+        hook.remove()
 
 
 def split_steps(total: int, parts: int) -> list[int]:

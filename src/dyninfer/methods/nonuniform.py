@@ -25,6 +25,7 @@ Stepping up recomputes (full rule): this method trades reuse for freedom in ever
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,7 +41,7 @@ from dyninfer.methods.baselines._common import SubnetList, input_shape_of, recal
 from dyninfer.methods.baselines.individual import reinitialise
 from dyninfer.methods.baselines.slimmable import SlimmableNet
 from dyninfer.methods.budget import (
-    BaselineConfig, StepLog, Supervision, batch_stream, run_steps, sgd, split_steps,
+    BaselineConfig, StepLog, Supervision, batch_stream, run_steps, sgd, split_steps, work_path,
 )
 from dyninfer.methods.face import load_tagged
 from dyninfer.methods.importance import IMPORTANCES, group_lasso
@@ -220,8 +221,8 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
     shape = input_shape_of(model, train_set)
     reference = reference_of(model, reference_macs, shape)
     probe = TaggedNet(model, 1, shape, rule="full")  # shares the model's layers; only shapes are read
-    check_reachable(probe, budgets, _cost(probe, cfg.by, reference, cfg.latency_batch, cfg.multiple, cache_dir,
-                                          None)[0], cfg.multiple)  # before any training
+    probe_cost, table = _cost(probe, cfg.by, reference, cfg.latency_batch, cfg.multiple, cache_dir, None)
+    check_reachable(probe, budgets, probe_cost, cfg.multiple)  # before any training
     torch.manual_seed(cfg.seed)
     log = StepLog()
     warmup = round(cfg.steps * cfg.warmup_fraction)
@@ -238,9 +239,16 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
         run_steps(model, warm_loss, optimizer, stream, warmup, log, "warmup", cfg.progress)
     model.eval()
     held_out = next(batch_stream(train_set, min(256, len(train_set)), cfg.seed + 99))
-    nu = sample(model, budgets, by=cfg.by, importance=cfg.importance, search=cfg.search, multiple=cfg.multiple,
-                reference_macs=reference, input_shape=shape, held_out=held_out, latency_batch=cfg.latency_batch,
-                cache_dir=cache_dir, latency_checks=cfg.latency_checks)
+    chosen = work_path("widths")  # inside compare: the widths an interrupted run trained, if any
+    if chosen is not None and (chosen / "widths.json").exists():
+        nu = _restore_widths(model, budgets, reference, shape, chosen)
+    else:  # the table measured for the check above, timed subnets on this device (measure=)
+        nu = sample(model, budgets, by=cfg.by, importance=cfg.importance, search=cfg.search, multiple=cfg.multiple,
+                    reference_macs=reference, input_shape=shape, held_out=held_out, latency_batch=cfg.latency_batch,
+                    latency_table=table, latency_checks=cfg.latency_checks,
+                    measure=(lambda n: measured_fractions(n, batch=cfg.latency_batch)) if table is not None else None)
+        if chosen is not None:
+            _save_widths(nu, chosen)
     net, n = nu.net, nu.num_subnets
     joint = cfg.steps - warmup
     if cfg.individual:
@@ -268,6 +276,25 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
     nu.history.update({"method": "nonuniform", "config": cfg.to_dict(), "batch_size": cfg.batch_size,
                        "channels": [nu.widths(k) for k in range(1, n + 1)], **log.as_dict()})
     return nu
+
+
+def _save_widths(nu: NonUniformNet, folder: Path) -> None:
+    """The chosen tags and the choice's record, so a resumed run trains the same subnets (a choice
+    by measured latency can differ from one timing to the next)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tags = {str(g): nu.net.tags(g).tolist() for g in range(nu.net.num_groups)}
+    tmp = folder / "widths.json.tmp"
+    tmp.write_text(json.dumps({"tags": tags, "history": nu.history}, default=str))
+    tmp.replace(folder / "widths.json")
+
+
+def _restore_widths(model: nn.Module, budgets: list[float], reference: int, shape: tuple, folder: Path) -> NonUniformNet:
+    saved = json.loads((folder / "widths.json").read_text())
+    net = TaggedNet(model, len(budgets), shape, rule="full", switchable_bn=True)
+    with torch.no_grad():
+        for g, tags in saved["tags"].items():
+            net.tags(int(g)).copy_(torch.tensor(tags))
+    return NonUniformNet(net.eval(), budgets, reference, [float("nan")] * len(budgets), saved["history"])
 
 
 def _train_individually(nu: NonUniformNet, train_set: ImageSet, steps: int, log: StepLog,

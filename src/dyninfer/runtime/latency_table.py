@@ -27,7 +27,7 @@ from dyninfer.nn.tagged import TaggedNet
 from dyninfer.report import machine
 from dyninfer.runtime.timing import interleaved, num_threads, summarize
 
-__all__ = ["LatencyTable", "build_table", "chunk", "grid", "measured_fractions"]
+__all__ = ["LatencyTable", "build_table", "chunk", "full_dense", "grid", "measured_fractions"]
 
 
 def chunk(width: int, multiple: int) -> int:
@@ -181,7 +181,7 @@ def build_table(net: TaggedNet, *, batch: int = 1, threads: int | None = None, m
                 print(f"  latency table: layer {i + 1}/{net.num_hidden + 1}", flush=True)
         full = net.widths()
         x = torch.randn(batch, *net.input_shape).contiguous(memory_format=torch.channels_last)
-        module = _full_dense(net).to(memory_format=torch.channels_last)
+        module = full_dense(net).to(memory_format=torch.channels_last)
         measured = _time(lambda: module(x), repeats * 2)
     table = LatencyTable(points, ms, 0.0, batch, threads, key, here)
     table.overhead_ms = max(0.0, measured - sum(table.layer_ms(net, full)))
@@ -194,16 +194,17 @@ def build_table(net: TaggedNet, *, batch: int = 1, threads: int | None = None, m
 def measured_fractions(net: TaggedNet, *, batch: int, threads: int | None = None, repeats: int = 20) -> list[float]:
     """Each subnet's measured latency as a fraction of the full network's: its dense module (what
     ``export`` gives) and the full one timed round-robin on this device, medians."""
-    x = torch.randn(batch, *net.input_shape).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, *net.input_shape, generator=torch.Generator().manual_seed(0))  # not the global RNG
+    x = x.contiguous(memory_format=torch.channels_last)
     modules = {k: net.dense(k).to(memory_format=torch.channels_last) for k in range(1, net.num_subnets + 1)}
-    modules["full"] = _full_dense(net).to(memory_format=torch.channels_last)
+    modules["full"] = full_dense(net).to(memory_format=torch.channels_last)
     samples = interleaved({k: (lambda m=m: m(x)) for k, m in modules.items()}, repeats=repeats, warmup=3,
                           threads=threads)
     full = summarize(samples["full"])["median_ms"]
     return [summarize(samples[k])["median_ms"] / full for k in range(1, net.num_subnets + 1)]
 
 
-def _full_dense(net: TaggedNet) -> nn.Module:
+def full_dense(net: TaggedNet) -> nn.Module:
     """The whole network as a plain module: every channel in subnet 1 of a copy, BatchNorm folded."""
     view = copy.deepcopy(net)
     for g in range(view.num_groups):
