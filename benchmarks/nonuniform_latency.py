@@ -15,20 +15,17 @@ a subnet keeps does, and is not what this measures). Writes benchmarks/results/<
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _bench import begin, finish, output_arguments
 from dyninfer import data, models, report
 from dyninfer.methods import nonuniform
 from dyninfer.runtime.latency_table import full_dense
 from dyninfer.runtime.timing import interleaved, summarize
-
-ROOT = Path(__file__).resolve().parent
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,17 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,128")
     parser.add_argument("--checks", type=int, default=2, help="latency_checks of the corrected choice")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved runs of the final timing")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "results"))
-    parser.add_argument("--stem", default="nonuniform_latency_resnet20_cifar10")
+    output_arguments(parser, stem="nonuniform_latency_resnet20_cifar10")
     args = parser.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # before any work
-    torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/nonuniform_latency.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    print(f"command: {command}", flush=True)
+    out, command = begin(args, "nonuniform_latency.py", argv)  # the output folder before any work
     train_set, _ = data.load(args.data)
     shape, classes = train_set.input_shape, train_set.num_classes
     record: dict = {"command": command, "machine": report.machine(), "model": args.model, "data": args.data,
@@ -86,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[name]["retimed_ms"] = stats
         record["batches"][str(batch)] = row
         _save(out, args.stem, record)
-    record["seconds"] = time.perf_counter() - started
-    _save(out, args.stem, record)
-    print((out / f"{args.stem}.md").read_text())
-    return 0
+    return finish(out, args.stem, record, _save, started)
 
 
 def _save(out: Path, stem: str, record: dict) -> None:
@@ -116,10 +104,12 @@ def _save(out: Path, stem: str, record: dict) -> None:
                 lines.append(f"| {name} | {k} | {b:.2f} | {p:.3f} | {m:.3f} | {t:.3f} | "
                              f"{'yes' if t <= b else f'no (+{100 * (t / b - 1):.1f} %)'} | {100 * f:.1f} |")
             if r["checks"]:
-                lines.append(f"| | rounds: {len(r['checks'])} | | | | | | |")
+                stopped = r["checks"][-1].get("stopped")
+                lines.append(f"| | rounds: {len(r['checks'])} | | | | | | |" if not stopped else
+                             f"| | rounds: {len(r['checks'])}, stopped: {stopped} | | | | | | |")
         lines.append("")
-    if "seconds" in record:
-        lines.append(f"Wall time: {record['seconds']:.0f} s.")
+    if "total_seconds" in record:
+        lines.append(f"Wall time: {record['total_seconds']:.0f} s.")
     report.write(out, stem, "\n".join(lines) + "\n", record)
 
 
