@@ -42,8 +42,8 @@ PAPER = {  # Table I, CIFAR-10 (VGG-16: CIFAR-100); accuracy %, MACs %
 }
 PRESETS = {  # CPU presets: what fits a session on 2 cores; "paper" is the full schedule for a GPU
     "cpu": {"lenet-5": dict(iterations=40, batches_per_iteration=50, retrain_epochs=10, teacher_epochs=15),
-            # lr 0.005: LeNet-3C1L's single classifier over 4,096 features diverges at 0.05
-            # (benchmarks/results/train_original.md); its teacher is trained at that rate as well.
+            # lr 0.005: without a warm-up LeNet-3C1L collapses at 0.05 (a teacher trained here uses this
+            # rate too; benchmarks/train_original.py --warmup-epochs 1 trains one at 0.05 to 84.67 %).
             "lenet-3c1l": dict(iterations=30, batches_per_iteration=25, retrain_epochs=4, teacher_epochs=8,
                                lr=0.005, teacher_lr=0.005),
             "vgg-16": dict(iterations=20, batches_per_iteration=20, retrain_epochs=2, teacher_epochs=5)},
