@@ -240,20 +240,21 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
             resumed = resumed_steps()
         seconds = time.perf_counter() - start
         history = getattr(net, "history", {}) or {}
-        reported = history.get("optimizer_steps")
-        if not (counter.count + resumed == reported == steps) or history.get("samples") != steps * batch_size:
+        reported, samples = history.get("optimizer_steps"), history.get("samples")
+        broken = None
+        if not (counter.count + resumed == reported == steps):
+            broken = (f"{name} broke the training budget: {steps} optimizer steps were allotted, its log reports "
+                      f"{reported} and {counter.count} optimizer.step() calls were counted"
+                      + (f" after {resumed} taken from its checkpoints" if resumed else ""))
+        elif samples != steps * batch_size:
+            broken = f"{name} trained on {samples} samples; the budget is {steps} x {batch_size}"
+        if broken:
             if work is not None:  # what broke the budget must not be resumed as if it had not
                 shutil.rmtree(work, ignore_errors=True)
-        if not (counter.count + resumed == reported == steps):
-            raise RuntimeError(f"{name} broke the training budget: {steps} optimizer steps were allotted, "
-                               f"its log reports {reported} and {counter.count} optimizer.step() calls were counted"
-                               + (f" after {resumed} taken from its checkpoints" if resumed else ""))
+            raise RuntimeError(broken)
         if resumed:
             log.info("%s: %d of its %d steps were taken from the checkpoints of an interrupted run", name, resumed,
                      steps)
-        samples = history.get("samples")
-        if samples != steps * batch_size:
-            raise RuntimeError(f"{name} trained on {samples} samples; the budget is {steps} x {batch_size}")
         accuracies = [float(a) for a in net.evaluate(test)]
         fractions = [float(f) for f in net.mac_fractions()]
         scratch = [float(f) for f in net.mac_fractions(path="scratch")]
@@ -295,8 +296,9 @@ def run(model_name: str, data, methods: Sequence[str] = METHODS, budgets: Sequen
         for name, net in nets.items():
             rows = [timed[(name, k)] for k in range(1, net.num_subnets + 1)]
             if callable(getattr(net, "prefer_faster", None)):  # a causal net: rectangle or chain, by measurement
-                chains = [timed[(name, 1)]] + [timed[(name, "chain", k)] for k in range(2, net.num_subnets)] + (
-                    [timed[(name, "path")]] if net.num_subnets > 1 else [])
+                n = net.num_subnets  # subnet 1's chain is its one pass; subnet N's is the whole path
+                chains = [timed[(name, 1) if k == 1 else (name, "path") if k == n else (name, "chain", k)]
+                          for k in range(1, n + 1)]
                 net.prefer_faster([r["ms"] for r in rows], [c["ms"] for c in chains])
                 rows = [c if e == "chain" else r for r, c, e in zip(rows, chains, net.scratch_execution)]
                 results[name]["scratch_mac_fractions"] = [float(f) for f in net.mac_fractions(path="scratch")]

@@ -111,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = nonuniform.NonUniformConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                          by=args.by, search=args.search, importance=args.importance,
                                          multiple=args.multiple, latency_batch=args.latency_batch,
-                                         latency_checks=args.latency_checks, group_lasso=args.group_lasso, progress=not args.quiet)
+                                         latency_checks=args.latency_checks, group_lasso=args.group_lasso,
+                                         progress=not args.quiet)
     train_set, test_set = data_module.load(args.data, root=args.data_root)
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape)

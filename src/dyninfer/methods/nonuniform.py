@@ -180,11 +180,13 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
     else:
         choose = by_importance(scores)
     if by == "latency" and latency_checks and (latency_table is None or measure is not None):
+        full = net.widths()
+
         def timed(counts: list[list[int]]) -> list[float]:
             net.set_prefix_tags(counts, order=orders)
-            measured = (measure or (lambda n: measured_fractions(n, batch=latency_batch)))(net.eval())
+            measured = (measure or timer_here(latency_batch))(net.eval())
             # the full widths are the reference itself: 1 by definition, whatever the timing noise
-            return [1.0 if c == net.widths() else m for c, m in zip(counts, measured)]
+            return [1.0 if c == full else m for c, m in zip(counts, measured)]
 
         counts, trail = within_measured(lambda b: allocate(net, b, cost, choose, multiple), budgets, cost, timed,
                                         latency_checks)
@@ -197,6 +199,11 @@ def sample(model: nn.Module, budgets: Sequence[float], *, by: str = "macs", impo
     history["counts"] = counts
     history["predicted_cost"] = [cost(c) for c in counts]
     return NonUniformNet(net, budgets, reference, [float("nan")] * len(budgets), history)
+
+
+def timer_here(batch: int) -> Callable[[TaggedNet], list[float]]:
+    """``sample``'s default ``measure``: each subnet timed on this device against the full net."""
+    return lambda net: measured_fractions(net, batch=batch)
 
 
 def _cost(net: TaggedNet, by: str, reference: int, latency_batch: int, multiple: int, cache_dir: str | None,
@@ -246,7 +253,7 @@ def train(model: nn.Module, train_set: ImageSet, budgets: Sequence[float], confi
         nu = sample(model, budgets, by=cfg.by, importance=cfg.importance, search=cfg.search, multiple=cfg.multiple,
                     reference_macs=reference, input_shape=shape, held_out=held_out, latency_batch=cfg.latency_batch,
                     latency_table=table, latency_checks=cfg.latency_checks,
-                    measure=(lambda n: measured_fractions(n, batch=cfg.latency_batch)) if table is not None else None)
+                    measure=timer_here(cfg.latency_batch) if table is not None else None)
         if chosen is not None:
             _save_widths(nu, chosen)
     net, n = nu.net, nu.num_subnets

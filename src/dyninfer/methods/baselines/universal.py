@@ -58,7 +58,6 @@ def sandwich_widths(low: float, high: float, num_random: int, generator: torch.G
     return [low, *sorted(draws), high]
 
 
-
 class _SampledWidths(list):
     """The widths drawn at each step (kept in the history), checkpointed with the run."""
 
@@ -67,6 +66,7 @@ class _SampledWidths(list):
 
     def load_state_dict(self, state: dict) -> None:
         self[:] = [list(w) for w in state["widths"]]
+
 
 def train(model: nn.Sequential, train_set: ImageSet, budgets: Sequence[float], config: USConfig | None = None,
           *, reference_macs: int | None = None, teacher: nn.Module | None = None) -> SlimmableNet:
