@@ -709,13 +709,7 @@ class TaggedNet(nn.Module):
             return HiddenOutputs([self(x, k, straight_through=straight_through) for k in range(1, n + 1)], [], [])
         features, cols, preacts, rows = self._hidden(x, n, straight_through, keep=keep_preacts)
         weight = self._effective_weight(self.num_hidden, straight_through, None, cols)
-        feature_tags = self.input_tags(self.num_hidden)[cols]
-        logits, running = [], self.classifier.bias
-        for k in range(1, n + 1):
-            sel = torch.nonzero(feature_tags == k).squeeze(1)
-            part = F.linear(features[:, sel], weight[:, sel])
-            running = part + running if running is not None else part
-            logits.append(running)
+        logits = self._partial_sums(features, self.input_tags(self.num_hidden)[cols], weight, self.classifier.bias)
         return HiddenOutputs(logits, preacts if keep_preacts else [], rows if keep_preacts else [])
 
     # ----------------------------------------------------------------- gradient shaping
