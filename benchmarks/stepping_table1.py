@@ -101,9 +101,11 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
     teacher, original, teacher_epoch_s, teacher_epochs = teacher_for(
         model_name, data_name, train_set, test_set, preset["teacher_epochs"], runs, preset.get("teacher_lr", 0.05))
     print(f"[{model_name}/{data_name}] original accuracy {100 * original:.2f} %", flush=True)
+    rates = {"lr": preset["lr"], "retrain_lr": preset["lr"]} if "lr" in preset else {}
+    rates.update({k: preset[k] for k in ("retrain_lr", "retrain_warmup_epochs") if k in preset})
     config = SteppingConfig(iterations=preset["iterations"], batches_per_iteration=preset["batches_per_iteration"],
                             retrain_epochs=preset["retrain_epochs"], schedule=schedule, seed=seed, progress=False,
-                            **({"lr": preset["lr"], "retrain_lr": preset["lr"]} if "lr" in preset else {}))
+                            **rates)
     torch.manual_seed(seed)
     model = dy.models.create(model_name, num_classes=train_set.num_classes, expansion=EXPANSION[model_name],
                              input_shape=train_set.input_shape)
@@ -172,6 +174,7 @@ def render(results: list[dict], command: str, preset_name: str) -> str:
         parts.append(
             f"Schedule run: {r['iterations_run']} construction iterations x {r['config']['batches_per_iteration']} batches "
             f"(+{r['trim_rounds']} move rounds without training), then {r['retrain_epochs']} retraining epochs "
+            f"(lr {r['config']['retrain_lr']}, warm-up {r['config'].get('retrain_warmup_epochs', 0)} epochs, cosine) "
             f"= {r['epochs_equivalent']:.1f} epochs of data. Wall time: construction {r['construction_seconds']:.0f} s, "
             f"retraining {r['retrain_seconds']:.0f} s. Cost: {_original_cost(r)}, "
             f"{r['cost_vs_largest_subnet_same_steps']:.2f}x training the largest subnet alone for the same steps.\n")
@@ -187,6 +190,9 @@ def main() -> None:
     for flag, key in (("--iterations", "iterations"), ("--batches", "batches_per_iteration"),
                       ("--retrain-epochs", "retrain_epochs"), ("--teacher-epochs", "teacher_epochs")):
         parser.add_argument(flag, type=int, default=None, dest=key, help=f"override the preset's {key}")
+    parser.add_argument("--retrain-lr", type=float, default=None, help="retraining LR (default: the preset's lr)")
+    parser.add_argument("--retrain-warmup-epochs", type=float, default=None,
+                        help="linear LR warm-up over this many retraining epochs (default 0)")
     parser.add_argument("--budgets", choices=("ours", "paper"), default="ours",
                         help="ours: 15/30/60/85 %% style budgets per model; paper: the MAC fractions Table I reports, "
                              "so each subnet lands at or below the paper's")
@@ -202,7 +208,8 @@ def main() -> None:
         schedule = rest[0] if rest else "joint"
         preset = dict(PRESETS[args.preset][model_name])
         preset.update({k: getattr(args, k) for k in ("iterations", "batches_per_iteration", "retrain_epochs",
-                                                       "teacher_epochs") if getattr(args, k) is not None})
+                                                       "teacher_epochs", "retrain_lr", "retrain_warmup_epochs")
+                       if getattr(args, k) is not None})
         if args.budgets == "paper" and (model_name, data_name) not in PAPER:
             raise SystemExit(f"--budgets paper: Table I has no row for {model_name} on {data_name}")
         results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed,

@@ -495,6 +495,37 @@ def test_interrupted_retraining_resumes_exactly(tmp_path, monkeypatch):
         copy.deepcopy(built).retrain(data, teacher=model, epochs=4, checkpoint=stem)
 
 
+@pytest.mark.parametrize("warmup", [0.0, 1.0])
+def test_retraining_warms_up_then_anneals(monkeypatch, warmup):
+    """The rate each retraining step really runs at (read off the optimizer): with a warm-up it rises
+    over the first ``retrain_warmup_epochs`` epochs to near ``retrain_lr``, then falls to ~0."""
+    from dyninfer.methods import stepping
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=2, batches_per_iteration=2, batch_size=64, importance_batches=1,
+                         retrain_epochs=6, retrain_lr=0.1, retrain_warmup_epochs=warmup, progress=False)
+    built = construct(model, data, [0.5, 0.9], cfg, reference_macs=full)
+    rates, real_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    built.retrain(data)
+    per_epoch = -(-len(data) // 64)
+    assert len(rates) == 6 * per_epoch
+    ramp = round(warmup * per_epoch)
+    if ramp:
+        assert all(a < b for a, b in zip(rates[:ramp], rates[1:ramp]))  # rising through the warm-up
+        assert rates[0] <= 0.1 / ramp + 1e-12
+    assert max(rates) == pytest.approx(0.1, rel=0.15) and max(rates) <= 0.1
+    assert all(a >= b for a, b in zip(rates[ramp:], rates[ramp + 1:]))  # then only falling
+    assert rates[-1] < 0.01
+
+
+def test_retrain_warmup_is_validated():
+    with pytest.raises(ValueError, match="retrain_warmup_epochs"):
+        SteppingConfig(retrain_warmup_epochs=-1)
+
+
 @pytest.mark.filterwarnings("ignore:construction reached N_t")
 def test_retraining_checkpoint_belongs_to_one_net_data_and_teacher(tmp_path):
     from dyninfer.checkpoint import CheckpointMismatchError
