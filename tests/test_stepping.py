@@ -499,8 +499,6 @@ def test_interrupted_retraining_resumes_exactly(tmp_path, monkeypatch):
 def test_retraining_warms_up_then_anneals(monkeypatch, warmup):
     """The rate each retraining step really runs at (read off the optimizer): with a warm-up it rises
     over the first ``retrain_warmup_epochs`` epochs to near ``retrain_lr``, then falls to ~0."""
-    from dyninfer.methods import stepping
-
     model, data = toy_model(), synthetic_set()
     full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
     cfg = SteppingConfig(iterations=2, batches_per_iteration=2, batch_size=64, importance_batches=1,

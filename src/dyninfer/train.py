@@ -28,7 +28,7 @@ from dyninfer import progress
 from dyninfer.data import BatchStream, ImageSet
 from dyninfer.nn.tagged import fold_module
 
-__all__ = ["TrainConfig", "TrainerState", "FrozenTeacher", "kd_loss", "evaluate", "fit", "lr_factor", "make_optimizer"]
+__all__ = ["TrainConfig", "TrainerState", "FrozenTeacher", "kd_loss", "evaluate", "fit", "lr_factor", "warmup_factor", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -488,9 +488,9 @@ def _default_loss(config: TrainConfig, forward: Forward | None) -> LossFn:
     return loss_fn
 
 
-def _warmup(config: TrainConfig, step: int) -> float:
-    """The linear warm-up's factor at 0-based optimizer step ``step``."""
-    return min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The linear warm-up's factor at 0-based optimizer step ``step`` of ``warmup_steps`` (0: none)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def _step(state: TrainerState, loss_fn: LossFn, x: Tensor, y: Tensor, callbacks: Sequence[Any],
@@ -672,7 +672,7 @@ def _fit(model: nn.Module, train: ImageSet, config: TrainConfig, test: ImageSet 
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if config.schedule_by == "step" or (state.step <= config.warmup_steps and config.warmup_steps):
                     factor = (lr_factor(config, state.step, config.epochs * steps) if config.schedule_by == "step"
-                              else lr_factor(config, epoch)) * _warmup(config, state.step)
+                              else lr_factor(config, epoch)) * warmup_factor(state.step, config.warmup_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * factor
                 seen_n += _step(state, loss_fn, x, y, callbacks, sums)
@@ -804,7 +804,7 @@ def _fit_steps(model: nn.Module, train: ImageSet, config: TrainConfig, test: Ima
     seen_n, t0, shown = 0, time.perf_counter(), None
     bar = progress.bar(total=total, initial=state.step, desc=desc or "train", enabled=show)
     while state.step < total and not state.stop:
-        factor = lr_factor(config, state.step, total) * _warmup(config, state.step)
+        factor = lr_factor(config, state.step, total) * warmup_factor(state.step, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         state.batch_index = state.step

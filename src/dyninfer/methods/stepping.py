@@ -39,7 +39,7 @@ from dyninfer.nn.tagged import TaggedNet, fold_batchnorm
 from dyninfer.runtime.bench import bench_setting, scratch_times
 from dyninfer.runtime.compaction import cached_compact
 from dyninfer.runtime.session import Session
-from dyninfer.train import FrozenTeacher, TrainConfig, derive_seed, fit, kd_loss as shared_kd_loss
+from dyninfer.train import FrozenTeacher, TrainConfig, derive_seed, fit, kd_loss as shared_kd_loss, warmup_factor
 
 SCHEDULES = ("joint", "sequential")
 UNMEASURED = ("wait", "paper")
@@ -173,8 +173,7 @@ class SteppingConfig:
         over all of them, times a linear ramp over the first ``retrain_warmup_epochs`` epochs
         (the schedule :func:`dyninfer.train.fit` gives the original networks)."""
         lr = self.retrain_lr * 0.5 * (1 + math.cos(math.pi * batch / max(1, total)))
-        warmup = round(self.retrain_warmup_epochs * batches_per_epoch)
-        return lr * min(1.0, (batch + 1) / warmup) if warmup else lr
+        return lr * warmup_factor(batch, round(self.retrain_warmup_epochs * batches_per_epoch))
 
 
 def check_budgets(budgets: Sequence[float], num_subnets: int | None = None) -> list[float]:
