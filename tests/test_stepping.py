@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import random_tags
 from dyninfer import export
 from dyninfer.methods.stepping import (
-    SteppingConfig, check_budgets, construct, importance, move_neurons, suppression_factors, train_step,
+    SteppingConfig, SubnetTraining, check_budgets, construct, importance, move_neurons, suppression_factors, train_step,
 )
 from dyninfer.nn.tagged import TaggedSequential
 from dyninfer.runtime.compaction import compact
@@ -274,6 +274,40 @@ def test_joint_gradient_equals_weighted_sum_of_subnet_gradients(suppression):
 
 
 @pytest.mark.parametrize("schedule", ["joint", "sequential"])
+def test_mean_tag_update_divides_each_tag_by_the_weight_of_its_subnets(schedule):
+    """retrain_tag_update="mean": a tag-i weight's update is sum_{j>=i} beta^(j-i) dL_j divided by
+    sum_{j>=i} beta^(j-i); here both sums run as explicit loops over the subnets."""
+    net = TaggedSequential(toy_model(bn=False), 3, SHAPE).double()
+    random_tags(net, 5)
+    net.train()
+    x, y = torch.randn(8, *SHAPE, dtype=torch.float64), torch.randint(0, 10, (8,))
+    cfg = SteppingConfig(beta=0.8, weight_decay=0.0, schedule=schedule)
+    summed = per_subnet_gradients(net, x, y, cfg)
+    owner = {id(p): (tags, dim) for p, tags, dim in net.param_tags()}
+    expected = {}
+    for name, p in net.named_parameters():
+        tags, dim = owner[id(p)]
+        weight = torch.tensor([sum(0.8 ** (j - int(t)) for j in range(int(t), 4)) or 1.0 for t in tags.reshape(-1)],
+                              dtype=torch.float64)
+        shape = [1] * p.dim()
+        shape[dim] = -1
+        expected[name] = summed[name] / (weight.view(shape) if tags.numel() > 1 else weight)
+    lr = 1e-7  # sequential: later turns see weights moved by lr * grad, so compare to first order
+    stepped = copy.deepcopy(net)
+    training = SubnetTraining(stepped, cfg, mean=True)
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=lr)
+    for _ in range(training.steps_per_batch):
+        optimizer.zero_grad()
+        training.loss(stepped, x, y).backward()
+        training.on_after_backward()
+        optimizer.step()
+        training.on_batch_end()
+    for (name, p), (_, q) in zip(net.named_parameters(), stepped.named_parameters()):
+        torch.testing.assert_close((p - q).detach() / lr, expected[name], rtol=1e-4, atol=1e-9, msg=name)
+    assert not torch.allclose(expected["layers.0.weight"], summed["layers.0.weight"])  # the division mattered
+
+
+@pytest.mark.parametrize("schedule", ["joint", "sequential"])
 def test_every_live_weight_decays_once_per_batch(schedule):
     """The weight decay every method shares: w -= lr * wd * w once per batch, whatever its tag."""
     torch.manual_seed(0)
@@ -522,6 +556,8 @@ def test_retraining_warms_up_then_anneals(monkeypatch, warmup):
 def test_retrain_warmup_is_validated():
     with pytest.raises(ValueError, match="retrain_warmup_epochs"):
         SteppingConfig(retrain_warmup_epochs=-1)
+    with pytest.raises(ValueError, match="retrain_tag_update must be one of"):
+        SteppingConfig(retrain_tag_update="average")
 
 
 @pytest.mark.filterwarnings("ignore:construction reached N_t")

@@ -45,6 +45,7 @@ SCHEDULES = ("joint", "sequential")
 UNMEASURED = ("wait", "paper")
 QUOTAS = ("adaptive", "paper")
 LR_SCHEDULES = ("cosine", "constant")
+TAG_UPDATES = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,19 @@ class SteppingConfig:
     # (0: none). It lets LeNet-3C1L retrain at the rate its original network trains at (0.05), where
     # without it the network collapses and the CPU preset had to run at 0.005.
     retrain_warmup_epochs: float = 0.0
+    # How retraining combines the subnets' gradients on a shared weight. "sum" (the paper): a tag-i
+    # weight moves by sum_{j>=i} beta^(j-i) dL_j, so per batch tag 1 moves 3.4x as far as tag 4
+    # (beta 0.9, N = 4) and the last increments, starting untrained beside trained ones, learn
+    # slowest. Beyond the paper, "mean" divides by sum_{j>=i} beta^(j-i): every tag's update is the
+    # suppression-weighted mean of its subnets' gradients, and the LR sets every tag's step alike.
+    retrain_tag_update: str = "sum"
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("schedule", SCHEDULES), ("unmeasured", UNMEASURED), ("quota", QUOTAS),
-                              ("lr_schedule", LR_SCHEDULES), ("importance_of", ("weighted_sum", "output"))):
+                              ("lr_schedule", LR_SCHEDULES), ("importance_of", ("weighted_sum", "output")),
+                              ("retrain_tag_update", TAG_UPDATES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "batches_per_iteration", "importance_batches", "min_channels", "batch_size",
@@ -205,12 +213,13 @@ def subnet_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Ten
     return distilled_loss(logits, y, teacher_logits, config.gamma, config.temperature)
 
 
-def suppression_factors(config: SteppingConfig, num_subnets: int):
+def suppression_factors(config: SteppingConfig, num_subnets: int, mean: bool = False):
     """Loss weights and per-tag gradient factors realising LR suppression beta^(j-i).
 
     Sequential: training subnet j scales tag-i gradients by beta^(j-i). Joint: backpropagating
     sum_j beta^j L_j once and scaling tag-i gradients by beta^(-i) gives, for tag-i weights,
     sum_{j>=i} beta^(j-i) dL_j/dW exactly, since dL_j/dW = 0 for j < i (causal rule).
+    ``mean`` divides that by sum_{j>=i} beta^(j-i) (``retrain_tag_update="mean"``).
     Returns (loss weights, factor(tags), decay(tags)) for the joint schedule: suppression scales
     gradients only; every live weight decays once per batch (see :class:`SteppingConfig`), so a
     tag-1 weight is not decayed N times (3.4x at beta 0.9, N = 4) for being in every subnet.
@@ -218,17 +227,26 @@ def suppression_factors(config: SteppingConfig, num_subnets: int):
     beta = config.beta if config.suppression else 1.0
     n = num_subnets
     weights = [beta ** k for k in range(1, n + 1)]
+    share = tag_shares(beta, n)
 
     def factor(tags: torch.Tensor) -> torch.Tensor:
-        return beta ** (-tags)
+        return beta ** (-tags) / share(tags) if mean else beta ** (-tags)
 
     def decay(tags: torch.Tensor) -> torch.Tensor:  # 1 for a live weight, 0 for a dropped one (tag N+1)
-        if config.decay_per_subnet:  # sum_{j=i}^{N} beta^(j-i)
-            m = (n - tags + 1).clamp(min=0)
-            return m if beta == 1.0 else (1 - beta ** m) / (1 - beta)
-        return (tags <= n).to(tags.dtype)
+        live = (tags <= n).to(tags.dtype)
+        return share(tags) * live if config.decay_per_subnet else live  # per subnet: sum_{j=i}^{N} beta^(j-i)
 
     return weights, factor, decay
+
+
+def tag_shares(beta: float, num_subnets: int):
+    """tags -> sum_{j=i}^{N} beta^(j-i) for tag i <= N (the total weight of the subnets a tag-i
+    weight serves), 1 for a dropped channel (tag N+1), whose gradient is 0 anyway."""
+    def share(tags: torch.Tensor) -> torch.Tensor:
+        m = (num_subnets - tags + 1).clamp(min=0)
+        total = m if beta == 1.0 else (1 - beta ** m) / (1 - beta)
+        return torch.where(m > 0, total, torch.ones_like(total))
+    return share
 
 
 class SubnetTraining:
@@ -247,13 +265,14 @@ class SubnetTraining:
     for progress reports (no extra pass) and reset by the caller.
     """
 
-    def __init__(self, net: TaggedNet, config: SteppingConfig, targets=None):
+    def __init__(self, net: TaggedNet, config: SteppingConfig, targets=None, mean: bool = False):
         self.net, self.config = net, config
         self.n = net.num_subnets
         self.joint = config.schedule == "joint"
         self.steps_per_batch = 1 if self.joint else self.n
         self.targets = targets if targets is not None else (lambda x: None)
-        self.weights, self.factor, self.decay = suppression_factors(config, self.n)
+        self.weights, self.factor, self.decay = suppression_factors(config, self.n, mean)
+        self.share = tag_shares(config.beta if config.suppression else 1.0, self.n) if mean else None
         self.correct, self.seen, self.losses = [0] * self.n, 0, []
         self._subnet, self._teacher, self._frozen = 1, None, None
 
@@ -292,7 +311,8 @@ class SubnetTraining:
         j, beta = self._subnet, self.config.beta if self.config.suppression else 1.0
 
         def scale(tags: torch.Tensor) -> torch.Tensor:  # 0 for neurons outside subnet j
-            return torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
+            f = torch.where(tags <= j, beta ** (j - tags), torch.zeros_like(tags))
+            return f if self.share is None else f / self.share(tags)
 
         def decay(tags: torch.Tensor) -> torch.Tensor:  # once per batch: in its own subnet's turn
             return scale(tags) if self.config.decay_per_subnet else (tags == j).to(tags.dtype)
@@ -878,7 +898,8 @@ CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iterat
                        "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet",
                        "min_channels", "fc_floor", "batch_size", "lr", "momentum", "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
-                  "batch_size", "momentum", "weight_decay", "retrain_lr", "retrain_warmup_epochs", "seed")
+                  "batch_size", "momentum", "weight_decay", "retrain_lr", "retrain_warmup_epochs",
+                  "retrain_tag_update", "seed")
 
 
 def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], config: SteppingConfig | None = None,
@@ -993,7 +1014,7 @@ class _RetrainingEpochs:
                  epochs: int, optimizer, teacher, checkpoint, origin: dict, log: list[dict]):
         self.stepped, self.train, self.test, self.cfg, self.epochs = stepped, train, test, cfg, epochs
         self.optimizer, self.checkpoint, self.origin, self.log = optimizer, checkpoint, origin, log
-        self.training = SubnetTraining(stepped.net, cfg, targets=teacher)
+        self.training = SubnetTraining(stepped.net, cfg, targets=teacher, mean=cfg.retrain_tag_update == "mean")
         self.batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.batches = None
         self.started = 0.0
@@ -1239,7 +1260,8 @@ class _StepView(ImageSet):
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                  "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True,
-                 "promote": False, "fc_floor": 0.0, "retrain_warmup_epochs": 0.0}
+                 "promote": False, "fc_floor": 0.0, "retrain_warmup_epochs": 0.0,
+                 "retrain_tag_update": "sum"}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                "lr_schedule": "constant"}
