@@ -106,6 +106,7 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
     print(f"[{model_name}/{data_name}] original accuracy {100 * original:.2f} %", flush=True)
     rates = {"lr": preset["lr"], "retrain_lr": preset["lr"]} if "lr" in preset else {}
     rates.update({k: preset[k] for k in ("retrain_lr", "retrain_warmup_epochs", "retrain_tag_update") if k in preset})
+    rates.update(preset.get("settings", {}))
     config = SteppingConfig(iterations=preset["iterations"], batches_per_iteration=preset["batches_per_iteration"],
                             retrain_epochs=preset["retrain_epochs"], schedule=schedule, seed=seed, progress=False,
                             **rates)
@@ -145,7 +146,7 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
         "teacher_seconds_per_epoch": teacher_epoch_s, "teacher_epochs": teacher_epochs,
         "original_step_seconds": original_step,
         "cost_vs_original_same_steps": total_s / (total_batches * original_step),
-        "largest_subnet_step_seconds": alone, "alone_timing": "bn+data",
+        "largest_subnet_step_seconds": alone, "alone_timing": "bn+data", "settings": preset.get("settings", {}),
         "cost_vs_largest_subnet_same_steps": total_s / (total_batches * alone),
         "config": asdict(config), "paper": PAPER.get((model_name, data_name)),
     }
@@ -184,6 +185,9 @@ def render(results: list[dict], command: str, preset_name: str) -> str:
             f"retraining {r['retrain_seconds']:.0f} s. Cost: {_original_cost(r)}, "
             f"{r['cost_vs_largest_subnet_same_steps']:.2f}x training the largest subnet alone for the same steps"
             f"{_alone_note(r)}.\n")
+        if r.get("settings"):
+            parts.append("Settings beyond the preset (--set): "
+                         + ", ".join(f"`{k}={v!r}`" for k, v in r["settings"].items()) + ".\n")
     return "\n".join(parts)
 
 
@@ -192,6 +196,24 @@ def _alone_note(r: dict) -> str:
         return (f" ({1000 * r['largest_subnet_step_seconds']:.0f} ms/step with its BatchNorm and the batch's loading, "
                 "timed at the end of this run)")
     return " (its step timed with BatchNorm folded and without the batch's loading)"  # results before that fix
+
+
+def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs as SteppingConfig keywords, checked before anything runs."""
+    settings = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or field not in SteppingConfig.__dataclass_fields__:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a SteppingConfig field")
+        try:
+            settings[field] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[field] = value  # a bare string such as --set quota=adaptive
+    try:
+        SteppingConfig(**settings)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--set: {err}")
+    return settings
 
 
 def main() -> None:
@@ -208,6 +230,8 @@ def main() -> None:
                         help="linear LR warm-up over this many retraining epochs (default 0)")
     parser.add_argument("--retrain-tag-update", choices=("sum", "mean"), default=None,
                         help="how retraining combines the subnets' gradients on a shared weight (default sum: the paper)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
+                        help="any other SteppingConfig field, VALUE as JSON (e.g. --set promote=true); repeatable")
     parser.add_argument("--budgets", choices=("ours", "paper"), default="ours",
                         help="ours: 15/30/60/85 %% style budgets per model; paper: the MAC fractions Table I reports, "
                              "so each subnet lands at or below the paper's")
@@ -215,6 +239,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming the checkpoints in "
                                                                "runs/stepping/<model>-<data>-<schedule>")
     args = parser.parse_args()
+    settings = parse_settings(parser, args.settings)
     command = "python " + " ".join(sys.argv)
     print(command, flush=True)
     results = []
@@ -226,6 +251,7 @@ def main() -> None:
                                                        "teacher_epochs", "retrain_lr", "retrain_warmup_epochs",
                                                        "retrain_tag_update")
                        if getattr(args, k) is not None})
+        preset["settings"] = settings
         if args.budgets == "paper" and (model_name, data_name) not in PAPER:
             raise SystemExit(f"--budgets paper: Table I has no row for {model_name} on {data_name}")
         results.append(run_job(model_name, data_name, preset, schedule, Path(args.runs), args.seed,
