@@ -1268,7 +1268,8 @@ PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "gra
 # SteppingConfig fields a comparison may set through its options.
 CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "promote", "granularity", "lr_schedule", "importance_of",
                         "normalize_importance", "decay_per_subnet",
-                        "suppression", "alpha_growth", "beta", "gamma", "min_channels", "fc_floor")
+                        "suppression", "alpha_growth", "beta", "gamma", "min_channels", "fc_floor",
+                        "retrain_tag_update")
 
 
 def _check_options(method: str, rules: dict):
@@ -1362,7 +1363,8 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
     net.history.update({"method": method, "expansion": expansion, "batch_size": s.batch_size,
                         "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
                                                                                "lr", "distillation",
-                                                                               *CONSTRUCTION_OPTIONS[:6], "fc_floor")},
+                                                                               *CONSTRUCTION_OPTIONS[:6], "fc_floor",
+                                                                               "retrain_tag_update")},
                         "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
     return net
 
