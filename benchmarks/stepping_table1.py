@@ -149,6 +149,8 @@ def run_job(model_name: str, data_name: str, preset: dict, schedule: str, runs: 
         "largest_subnet_step_seconds": alone, "alone_timing": "bn+data", "settings": preset.get("settings", {}),
         "cost_vs_largest_subnet_same_steps": total_s / (total_batches * alone),
         "config": asdict(config), "paper": PAPER.get((model_name, data_name)),
+        "counts": net.history["final_counts"], "served_late": net.history.get("served_late"),
+        "fill_back": net.history.get("fill_back"), "promoted": net.history.get("promoted"),
     }
     net.save(run_dir / "stepping", extra={"original_accuracy": original})
     write_run_json(run_dir, model_name, data_name, original)
@@ -185,6 +187,14 @@ def render(results: list[dict], command: str, preset_name: str) -> str:
             f"retraining {r['retrain_seconds']:.0f} s. Cost: {_original_cost(r)}, "
             f"{r['cost_vs_largest_subnet_same_steps']:.2f}x training the largest subnet alone for the same steps"
             f"{_alone_note(r)}.\n")
+        if r.get("counts"):
+            parts.append("Channels per tag (subnets 1..N, then dropped), per hidden layer: "
+                         + "; ".join(" / ".join(map(str, c)) for c in r["counts"])
+                         + (f". Computed by a subnet but read only by larger ones (served late), per layer: "
+                            f"{' / '.join(map(str, r['served_late']))}" if r.get("served_late") is not None else "")
+                         + (f". Fill-back re-admitted {r['fill_back']} channels per subnet" if r.get("fill_back") else "")
+                         + (f"; {r['promoted']} were promoted to the subnet they serve" if r.get("promoted") is not None
+                            else "") + ".\n")
         if r.get("settings"):
             parts.append("Settings beyond the preset (--set): "
                          + ", ".join(f"`{k}={v!r}`" for k, v in r["settings"].items()) + ".\n")

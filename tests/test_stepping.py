@@ -878,3 +878,63 @@ def test_promoting_channels_to_the_subnet_they_serve_changes_no_logits():
             kept = (tags >= 2) & (tags <= n) & (level <= n)
             assert torch.equal(level[kept], tags[kept]), seed
     assert total > 0  # the nets above do hold channels to promote
+
+
+
+def shifted_channels_left_unseen(t: TaggedSequential, x: torch.Tensor) -> list[int]:
+    """Per hidden layer, the channels of subnets 2..N that reach some logits but whose output,
+    shifted by +-50, leaves their own subnet's logits unchanged: found by forward passes, not by
+    TaggedNet.serving (the channels that reach no logits are excluded by reachable()). The probe
+    runs a copy without ReLUs, so a dead unit downstream cannot hide a live connection."""
+    t = copy.deepcopy(t)
+    for j, m in enumerate(t.maps):
+        if isinstance(m, nn.ReLU):
+            t.maps[j] = nn.Identity()
+    t.eval()
+    n = t.num_subnets
+    unseen = []
+    with torch.no_grad():
+        base = [t(x, subnet=k) for k in range(1, n + 1)]
+        for i, reach in zip(range(t.num_hidden), t.reachable()):
+            norm = t.norm_of(i, 1)
+            shift = norm.bias if getattr(norm, "bias", None) is not None else t.layers[i].bias
+            count = 0
+            for c in torch.nonzero((t.layer_tags(i) >= 2) & (t.layer_tags(i) <= n) & reach).squeeze(1).tolist():
+                k = int(t.layer_tags(i)[c])
+                seen = False
+                for delta in (50.0, -50.0):
+                    shift[c] += delta
+                    seen = seen or (t(x, subnet=k) - base[k - 1]).abs().max().item() > 1e-6
+                    shift[c] -= delta
+                count += not seen
+            unseen.append(count)
+    return unseen
+
+
+def test_fill_back_that_serves_its_own_subnet_leaves_no_channel_served_late():
+    """Random tags, then promotion and fill-back. Plain fill-back takes readers out of an increment
+    and leaves channels that only larger subnets read (a shift of their output moves no logits of
+    their own subnet); with serve_own none is left, no limit is broken, and channels are admitted."""
+    from dyninfer.methods.stepping import fill_back, promote_to_serving, served_late
+
+    x = synthetic_set().batches(32).__next__()[0]
+    late = {False: 0, True: 0}
+    admitted = 0
+    for seed in range(12):
+        net = TaggedSequential(toy_model(seed), 3, SHAPE)
+        random_tags(net, seed=seed)
+        warm_bn(net, x)
+        g = torch.Generator().manual_seed(seed)
+        scores = [torch.rand(w, generator=g) + 0.1 for w in net.group_widths]
+        full = TaggedSequential(toy_model(seed), 1, SHAPE).subnet_macs(subnet=1)
+        limits = [min(m + 0.15 * full, full) for m in net.macs_per_subnet()]
+        for serve_own in (False, True):
+            t = copy.deepcopy(net)
+            promote_to_serving(t)
+            added = fill_back(t, scores, limits, 1, None, serve_own=serve_own)
+            assert all(m <= lim for m, lim in zip(t.macs_per_subnet(), limits)), (seed, serve_own)
+            probed = shifted_channels_left_unseen(t, x)
+            assert probed == served_late(t), (seed, serve_own, probed)
+            late[serve_own] += sum(probed)
+            admitted += sum(added) if serve_own else 0
+    assert late[True] == 0 and late[False] > 0 and admitted > 0, (late, admitted)

@@ -86,7 +86,9 @@ class SteppingConfig:
     quota: str = "paper"
     fill_back: bool = True           # beyond the paper: re-admit the best moved neurons while budgets allow
     # Beyond the paper, before the fill-back: move each channel to the smallest subnet whose logits it
-    # reaches (promote_to_serving). Measured on LeNet-5 x2 / CIFAR-10 at 4,500 steps (one seed): subnet 4
+    # reaches (promote_to_serving); the fill-back then admits only channels that serve the subnet they
+    # join and takes no channel's reader from its own subnet (fill_back's serve_own). The measurement
+    # below predates serve_own. Measured on LeNet-5 x2 / CIFAR-10 at 4,500 steps (one seed): subnet 4
     # then gains 1.45 points over subnet 3 instead of none, but subnet 2 loses 2.6 (42.21 / 47.38 / 62.70 /
     # 64.15 % vs 41.67 / 50.00 / 63.52 / 63.46 %; benchmarks/results/stepping_promote_lenet-5_cifar10.md
     # against the "ours" row of stepping_figs78_lenet-5_cifar10.md), so it is not the default.
@@ -633,9 +635,18 @@ def promote_to_serving(net: TaggedNet) -> int:
     return moved
 
 
+def served_late(net: TaggedNet) -> list[int]:
+    """Per tag group, the channels of subnets 2..N whose output reaches only larger subnets'
+    logits: subnet t computes (and pays for) them without using them. (Channels that reach no
+    logits at all are counted in the construction's ``unreachable``.)"""
+    n = net.num_subnets
+    return [int(((tags >= 2) & (tags <= n) & (level > tags) & (level <= n)).sum())
+            for tags, level in ((net.tags(g), lv) for g, lv in enumerate(net.serving()))]
+
+
 def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float], granularity: int = 1,
               measured: list[torch.Tensor] | None = None, patience: int | None = None, passes: int = 4,
-              floors: Sequence[int] | None = None) -> list[int]:
+              floors: Sequence[int] | None = None, serve_own: bool = False) -> list[int]:
     """Re-admit the best channels moved out of subnet i (tags i+1..N+1, the dropped ones included)
     into it, while every subnet stays within its MAC limit. Returns how many channels each
     subnet re-admitted. Dropped channels are in no subnet, so Eq. 3 cannot score them: they are
@@ -656,12 +667,19 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
     admissions make further ones possible. A subnet stops after ``patience`` undone trials in a
     row (None: it tries every candidate). No unit is taken out of an increment that would leave
     it below its ``floors`` (per group, :func:`increment_floors`).
+
+    ``serve_own`` (construction's ``promote``) asks more of a trial: the admitted channels must
+    change subnet i's logits, not only some subnet's, and no channel may stop serving the subnet
+    it served (``TaggedNet.serving``). Without it, subnet i can take every tag-(i+1) reader of
+    other tag-(i+1) channels, which subnet i+1 then computes for nothing: LeNet-5 x2 / CIFAR-10 at
+    the paper's budgets kept two conv1 channels, most of subnet 2's increment, that only subnet 3
+    read once subnet 1 had taken every tag-2 conv2 channel, and subnet 2 answered like subnet 1.
     """
     n = net.num_subnets
     floors = floors or [0] * net.num_groups
     # MACs per layer per subnet, kept current: a trial re-counts only the layers it touches
     table = [net.layer_macs_per_subnet(i) for i in range(net.num_hidden + 1)]
-    reach = net.reachable()
+    reach = net.serving() if serve_own else net.reachable()
     admitted = [0] * n
     for _ in range(passes):
         before = sum(admitted)
@@ -683,7 +701,11 @@ def fill_back(net: TaggedNet, scores: list[torch.Tensor], limits: Sequence[float
                 rows = {j: net.layer_macs_per_subnet(j) for j in touched}
                 totals = [sum(rows[j][k] if j in rows else table[j][k] for j in range(len(table))) for k in range(n)]
                 ok = all(m <= lim for m, lim in zip(totals, limits))
-                if ok:
+                if ok and serve_own:  # levels: serves subnet i itself, and no channel serves later than before
+                    after = net.serving()
+                    ok = bool((after[unit.group][unit.channels] <= i).all()) and all(
+                        bool((a <= b).all()) for a, b in zip(after, reach))
+                elif ok:
                     after = net.reachable()
                     ok = bool(after[unit.group][unit.channels].all()) and all(
                         bool((a | ~b).all()) for a, b in zip(after, reach))
@@ -986,7 +1008,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         history["promoted"] = promote_to_serving(net)
     if cfg.fill_back:
         history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured,
-                                         floors=increment_floors(net, cfg.fc_floor))
+                                         floors=increment_floors(net, cfg.fc_floor), serve_own=cfg.promote)
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
     empty = [k + 1 for k in range(1, len(final)) if final[k] == final[k - 1]]
@@ -998,6 +1020,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
                         "keeps more neurons alive)", stacklevel=2)
     history["final_macs"] = [m / reference for m in final]
     history["final_counts"] = net.counts()
+    if not net.exits:  # serving() reads the classifier; exit heads serve depths, not widths
+        history["served_late"] = served_late(net)
     history["unreachable"] = [int((~r & (net.tags(g) <= net.num_subnets)).sum()) for g, r in
                               enumerate(net.reachable())]
     net.eval()
