@@ -88,7 +88,9 @@ class SteppingConfig:
     # Beyond the paper, before the fill-back: move each channel to the smallest subnet whose logits it
     # reaches (promote_to_serving); the fill-back then admits only channels that serve the subnet they
     # join and takes no channel's reader from its own subnet (fill_back's serve_own). The measurement
-    # below predates serve_own. Measured on LeNet-5 x2 / CIFAR-10 at 4,500 steps (one seed): subnet 4
+    # below predates serve_own; with it, Table I's LeNet-5 / CIFAR-10 at the paper's budgets gave 60.55 /
+    # 60.55 / 70.91 / 70.89 % against the default's 62.29 / 62.33 / 70.44 / 71.14 %
+    # (benchmarks/results/stepping_table1_lenet5_cifar10_paper_budgets_lr05_30ep_promote_serve.md). Measured on LeNet-5 x2 / CIFAR-10 at 4,500 steps (one seed): subnet 4
     # then gains 1.45 points over subnet 3 instead of none, but subnet 2 loses 2.6 (42.21 / 47.38 / 62.70 /
     # 64.15 % vs 41.67 / 50.00 / 63.52 / 63.46 %; benchmarks/results/stepping_promote_lenet-5_cifar10.md
     # against the "ours" row of stepping_figs78_lenet-5_cifar10.md), so it is not the default.
