@@ -938,3 +938,17 @@ def test_fill_back_that_serves_its_own_subnet_leaves_no_channel_served_late():
             late[serve_own] += sum(probed)
             admitted += sum(added) if serve_own else 0
     assert late[True] == 0 and late[False] > 0 and admitted > 0, (late, admitted)
+
+
+def test_a_min_channels_floor_above_the_first_budget_is_refused_before_training():
+    """min_channels channels per layer cost more than subnet 1's budget: construction says so
+    before its first iteration instead of failing after the last one."""
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False,
+                         min_channels=5)
+    with pytest.raises(ValueError, match="min_channels=5 keeps subnet 1 at"):
+        construct(model, data, [0.3, 0.6, 0.9], cfg, reference_macs=full)
+    cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False,
+                         min_channels=2)
+    assert construct(model, data, [0.3, 0.6, 0.9], cfg, reference_macs=full).mac_fractions()[0] <= 0.3

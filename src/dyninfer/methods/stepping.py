@@ -505,6 +505,17 @@ def increment_floors(net: TaggedNet, share: float) -> list[int]:
             else 0 for g, width in enumerate(net.group_widths)]
 
 
+def _min_channels_macs(net: TaggedNet, min_channels: int) -> int:
+    """Subnet 1's MACs if every tag group kept only ``min_channels`` channels, all weights live:
+    the least the construction's floor lets subnet 1 cost (pruning inside it aside)."""
+    probe = copy.deepcopy(net)
+    for g in range(probe.num_groups):
+        tags = torch.full_like(probe.tags(g), probe.num_subnets + 1)
+        tags[:min_channels] = 1
+        probe.tags(g).copy_(tags)
+    return probe.macs_per_subnet()[0]
+
+
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
                  min_channels: int = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
                  exact: bool = True, floors: Sequence[int] | None = None) -> tuple[int, float]:
@@ -948,6 +959,11 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     # A copy: the caller's model stays what it was (e.g. usable as the retraining teacher).
     net = TaggedNet(copy.deepcopy(model), len(budgets), input_shape)
     limits = [b * reference for b in budgets]
+    floor = _min_channels_macs(net, cfg.min_channels)
+    if floor > limits[0]:  # before any training: the floor alone breaks subnet 1's budget
+        raise ValueError(f"min_channels={cfg.min_channels} keeps subnet 1 at {floor / reference:.4f} of the reference "
+                         f"MACs or more ({cfg.min_channels} channels in every layer, their weights live), above its "
+                         f"budget {budgets[0]}; lower min_channels or raise the first budget")
     optimizer = make_optimizer(net, cfg.lr, cfg)
     origin = {"reference_macs": reference, "data": _data_identity(train), "start": _fingerprint(net)}
     history = {"iterations": [], **origin, "expanded_macs": net.subnet_macs(), "construction_seconds": 0.0,
