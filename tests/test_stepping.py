@@ -952,3 +952,30 @@ def test_a_min_channels_floor_above_the_first_budget_is_refused_before_training(
     cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False,
                          min_channels=2)
     assert construct(model, data, [0.3, 0.6, 0.9], cfg, reference_macs=full).mac_fractions()[0] <= 0.3
+
+
+def test_min_width_keeps_a_share_of_every_layer_in_subnet_1():
+    """min_width: subnet 1 ends with at least ceil(min_width x width) channels of every layer and
+    within its budget, where the count floor alone lets a layer shrink below that; a share whose
+    floor alone breaks the first budget is refused before training."""
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    widths = (6, 8, 12)  # toy_model's conv1, conv2, fc1
+    wanted = [-(-w // 2) for w in widths]  # ceil(0.5 x width), counted here, not by subnet_floors
+
+    def subnet_1_channels(min_width, budgets=(0.35, 0.6, 0.9)):
+        cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1,
+                             progress=False, min_width=min_width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stepped = construct(model, data, list(budgets), cfg, reference_macs=full)
+        assert all(m <= b for m, b in zip(stepped.mac_fractions(), budgets))
+        return [int((stepped.net.tags(g) == 1).sum()) for g in range(stepped.net.num_groups)]
+
+    floored, unfloored = subnet_1_channels(0.5), subnet_1_channels(0.0)
+    assert all(k >= w for k, w in zip(floored, wanted)), (floored, wanted)
+    assert any(k < w for k, w in zip(unfloored, wanted)), unfloored  # without it a layer goes below
+    with pytest.raises(ValueError, match=r"min_width=0.5 keep subnet 1 at 0\.3\d+ .*\[3, 4, 6\]"):
+        subnet_1_channels(0.5, budgets=(0.3, 0.6, 0.9))
+    with pytest.raises(ValueError, match="min_width must be a number in"):
+        SteppingConfig(min_width=1.0)

@@ -110,6 +110,13 @@ class SteppingConfig:
     # trains it (sum_j beta^(j-i): 3.4x at beta 0.9, N = 4, for tag 1), as dyninfer did before.
     decay_per_subnet: bool = False
     min_channels: int = 1            # every layer keeps this many neurons in subnet 1
+    # Beyond the paper: subnet 1 also keeps ceil(min_width x width) channels of every layer. A count
+    # floor treats layers alike although their channels' costs differ 12-fold (LeNet-5 x2 / CIFAR-10:
+    # a conv1 channel is 6.35 % of the original's MACs, a conv2 channel of subnet 1 about 0.5 %), so one
+    # that spares the cheap layers (min_channels=2: 2 conv2 channels) already fills subnet 1's 15 %
+    # with conv1, while min_channels=1 let subnet 1 hang on one conv2 channel whose ReLU died. 0 (off)
+    # is the paper's rule and the default.
+    min_width: float = 0.0
     # Beyond the paper: every subnet's increment keeps at least ceil(fc_floor x width / N) neurons
     # of each fully connected layer, through the moves and the fill-back. Without it the last
     # increment of LeNet-5 x2 / CIFAR-10 kept 1 fc1 and 1 fc2 neuron in 6 of 7 runs (fc neurons
@@ -169,6 +176,9 @@ class SteppingConfig:
             raise ValueError(f"retrain_warmup_epochs must be a number >= 0, got {self.retrain_warmup_epochs!r}")
         if isinstance(self.fc_floor, bool) or not isinstance(self.fc_floor, (int, float)) or not 0 <= self.fc_floor <= 1:
             raise ValueError(f"fc_floor must be a number in [0, 1], got {self.fc_floor!r}")
+        if (isinstance(self.min_width, bool) or not isinstance(self.min_width, (int, float))
+                or not 0 <= self.min_width < 1):
+            raise ValueError(f"min_width must be a number in [0, 1), got {self.min_width!r}")
 
     def construction_lr(self, step: int, total: int) -> float:
         """Learning rate of construction step ``step`` of ``total`` (a pure function: resumable)."""
@@ -505,19 +515,34 @@ def increment_floors(net: TaggedNet, share: float) -> list[int]:
             else 0 for g, width in enumerate(net.group_widths)]
 
 
-def _min_channels_macs(net: TaggedNet, min_channels: int) -> int:
-    """Subnet 1's MACs if every tag group kept only ``min_channels`` channels, all weights live:
-    the least the construction's floor lets subnet 1 cost (pruning inside it aside)."""
+def subnet_floors(net: TaggedNet, min_channels: int, min_width: float = 0.0) -> list[int]:
+    """Per tag group, the fewest channels subnet 1 (so every subnet) keeps: ``min_channels``, or
+    ceil(``min_width`` x width) where that is more, never more than the group has."""
+    return [min(width, max(min_channels, math.ceil(min_width * width))) for width in net.group_widths]
+
+
+def _floor_macs(net: TaggedNet, floors: Sequence[int]) -> int:
+    """Subnet 1's MACs if every tag group kept only its floor of channels, all weights live:
+    the least the construction's floors let subnet 1 cost (pruning inside it aside)."""
     probe = copy.deepcopy(net)
-    for g in range(probe.num_groups):
+    for g, floor in enumerate(floors):
         tags = torch.full_like(probe.tags(g), probe.num_subnets + 1)
-        tags[:min_channels] = 1
+        tags[:floor] = 1
         probe.tags(g).copy_(tags)
     return probe.macs_per_subnet()[0]
 
 
+def _per_group(net: TaggedNet, min_channels: int | Sequence[int]) -> list[int]:
+    """``min_channels`` as one floor per tag group (an int applies to every group)."""
+    if isinstance(min_channels, int):
+        return [min_channels] * net.num_groups
+    if len(min_channels) != net.num_groups:
+        raise ValueError(f"min_channels names {len(min_channels)} floors for {net.num_groups} tag groups")
+    return list(min_channels)
+
+
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
-                 min_channels: int = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
+                 min_channels: int | Sequence[int] = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
                  exact: bool = True, floors: Sequence[int] | None = None) -> tuple[int, float]:
     """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
     take out of the subnet reach ``amount``. Returns (channels moved, estimated MACs saved).
@@ -529,8 +554,10 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
     unmeasured channel is taken at all (the rest of the gap waits for the next round). A moved channel loses its synapses into the smaller subnet
     and gains those to its new peers; both follow from the causal mask, and its pruned weights
     are revived (``set_tags``). ``floors`` (per group) is how many channels of its own the
-    subnet's increment keeps (:func:`increment_floors`).
+    subnet's increment keeps (:func:`increment_floors`); ``min_channels`` (one for every group, or
+    per group: :func:`subnet_floors`) how many the subnet keeps in all.
     """
+    least = _per_group(net, min_channels)
     units = _units(net, scores, subnet, measured, granularity, descending=False)
     kept = [int((net.tags(g) <= subnet).sum()) for g in range(net.num_groups)]
     own = [int((net.tags(g) == subnet).sum()) for g in range(net.num_groups)]
@@ -540,7 +567,7 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
     while saved < amount:
         # every subnet keeps min_channels channels per group: it must stay connected; and its
         # increment keeps its floor of each fully connected group
-        units = [u for u in units if kept[u.group] - len(u.channels) >= min_channels
+        units = [u for u in units if kept[u.group] - len(u.channels) >= least[u.group]
                  and own[u.group] - len(u.channels) >= floors[u.group]]
         if not units:
             break
@@ -585,7 +612,7 @@ def _units(net: TaggedNet, scores: list[torch.Tensor], tag: int, measured: list[
     return units
 
 
-def drop_idle(net: TaggedNet, raw: list[torch.Tensor], min_channels: int = 1) -> dict:
+def drop_idle(net: TaggedNet, raw: list[torch.Tensor], min_channels: int | Sequence[int] = 1) -> dict:
     """Drop the channels that cost MACs but change no subnet's logits on the importance samples,
     before the fill-back spends what they cost. Returns how many were dropped of each kind.
 
@@ -595,14 +622,16 @@ def drop_idle(net: TaggedNet, raw: list[torch.Tensor], min_channels: int = 1) ->
     "feature": the subnet then answers exactly like the one below it while paying for every
     channel that feeds it. *Unread*: a channel no reader sees (``TaggedNet.reachable``),
     including those whose only readers were silent. Subnet 1 keeps ``min_channels`` channels of
-    every group whatever they score, as the moves guarantee (a network needs them to run).
+    every group (or per group, as :func:`move_neurons`) whatever they score, as the moves
+    guarantee (a network needs them to run).
     """
     n = net.num_subnets
+    least = _per_group(net, min_channels)
     dropped = {"silent": 0, "unread": 0}
 
     def drop(g: int, idle: torch.Tensor, kind: str) -> None:
         tags = net.tags(g)
-        spare = int((tags == 1).sum()) - min_channels  # tag-1 channels that may go
+        spare = int((tags == 1).sum()) - least[g]  # tag-1 channels that may go
         first = idle[tags[idle] == 1]
         keep = first[:max(0, len(first) - max(spare, 0))]
         idle = idle[~torch.isin(idle, keep)]
@@ -931,7 +960,7 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
                        "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet",
-                       "min_channels", "fc_floor", "batch_size", "lr", "momentum", "weight_decay", "seed")
+                       "min_channels", "min_width", "fc_floor", "batch_size", "lr", "momentum", "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
                   "batch_size", "momentum", "weight_decay", "retrain_lr", "retrain_warmup_epochs",
                   "retrain_tag_update", "seed")
@@ -959,11 +988,13 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     # A copy: the caller's model stays what it was (e.g. usable as the retraining teacher).
     net = TaggedNet(copy.deepcopy(model), len(budgets), input_shape)
     limits = [b * reference for b in budgets]
-    floor = _min_channels_macs(net, cfg.min_channels)
+    least = subnet_floors(net, cfg.min_channels, cfg.min_width)
+    floor = _floor_macs(net, least)
     if floor > limits[0]:  # before any training: the floor alone breaks subnet 1's budget
-        raise ValueError(f"min_channels={cfg.min_channels} keeps subnet 1 at {floor / reference:.4f} of the reference "
-                         f"MACs or more ({cfg.min_channels} channels in every layer, their weights live), above its "
-                         f"budget {budgets[0]}; lower min_channels or raise the first budget")
+        rule = f"min_channels={cfg.min_channels}" + (f" and min_width={cfg.min_width}" if cfg.min_width else "")
+        raise ValueError(f"{rule} {'keep' if cfg.min_width else 'keeps'} subnet 1 at {floor / reference:.4f} of the "
+                         f"reference MACs or more ({least} channels per layer, their weights live), above its budget {budgets[0]}; "
+                         f"lower {'them' if cfg.min_width else 'min_channels'} or raise the first budget")
     optimizer = make_optimizer(net, cfg.lr, cfg)
     origin = {"reference_macs": reference, "data": _data_identity(train), "start": _fingerprint(net)}
     history = {"iterations": [], **origin, "expanded_macs": net.subnet_macs(), "construction_seconds": 0.0,
@@ -1010,6 +1041,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             raise RuntimeError(
                 f"budgets {budgets} cannot be met: subnet MAC fractions are stuck at "
                 f"{[round(m / reference, 4) for m in net.macs_per_subnet()]} with min_channels={cfg.min_channels}"
+                + (f", min_width={cfg.min_width}" if cfg.min_width else "")
                 + (f" and granularity={cfg.granularity} (channels move in units of up to {cfg.granularity}; a "
                    f"smaller granularity reaches smaller budgets)" if cfg.granularity > 1 else "")
             )
@@ -1021,7 +1053,7 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         batches = stream("fill-back")
         raw = importance(net, [next(batches) for _ in range(cfg.importance_batches)], cfg)
         scores, measured = _scores(net, raw, cfg, carried)
-        history["dropped_idle"] = drop_idle(net, raw, cfg.min_channels)
+        history["dropped_idle"] = drop_idle(net, raw, least)
     if cfg.promote:
         history["promoted"] = promote_to_serving(net)
     if cfg.fill_back:
@@ -1253,6 +1285,7 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
     reach = measured if measured is not None else net.reachable()
     n = net.num_subnets
     floors = increment_floors(net, cfg.fc_floor)
+    least = subnet_floors(net, cfg.min_channels, cfg.min_width)
     before = [net.tags(g).clone() for g in range(net.num_groups)]
     moved = []
     for i in range(1, n + 1):
@@ -1264,10 +1297,10 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
         if over and allowed:
             gap = macs[i - 1] - limits[i - 1]
             if cfg.quota == "paper":  # the paper's fixed amount, but no more than the overshoot
-                count, _ = move_neurons(net, scores, i, min(amount, gap), cfg.min_channels, measured=measured,
+                count, _ = move_neurons(net, scores, i, min(amount, gap), least, measured=measured,
                                         granularity=cfg.granularity, floors=floors)
             else:  # spread what is over budget over the rounds left; the last round closes it
-                count, _ = move_neurons(net, scores, i, gap / max(1, rounds_left), cfg.min_channels,
+                count, _ = move_neurons(net, scores, i, gap / max(1, rounds_left), least,
                                         measured=measured, granularity=cfg.granularity, exact=rounds_left <= 1,
                                         floors=floors)
         moved.append(count)
@@ -1302,7 +1335,7 @@ class _StepView(ImageSet):
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                  "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True,
-                 "promote": False, "fc_floor": 0.0, "retrain_warmup_epochs": 0.0,
+                 "promote": False, "fc_floor": 0.0, "min_width": 0.0, "retrain_warmup_epochs": 0.0,
                  "retrain_tag_update": "sum"}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
@@ -1310,8 +1343,8 @@ PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "gra
 # SteppingConfig fields a comparison may set through its options.
 CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "promote", "granularity", "lr_schedule", "importance_of",
                         "normalize_importance", "decay_per_subnet",
-                        "suppression", "alpha_growth", "beta", "gamma", "min_channels", "fc_floor",
-                        "retrain_tag_update")
+                        "suppression", "alpha_growth", "beta", "gamma", "min_channels", "min_width",
+                        "fc_floor", "retrain_tag_update")
 
 
 def _check_options(method: str, rules: dict):
