@@ -289,6 +289,11 @@ def test_a_causal_subnet_from_scratch_is_timed_both_ways_and_reports_the_macs_of
         assert chain < rectangles[k - 1]  # a different figure: the rectangles multiply the zero upper blocks
     text = (tmp_path / "compare.md").read_text()
     assert "| layout | as |" in text and "| chain |" in text
+    from dyninfer import export  # the record's channels per subnet are the widths its dense export runs
+    for k in (1, 2, 3):
+        layers = [m for m in export.dense(net, k).modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        widths = [getattr(m, "out_channels", None) or m.out_features for m in layers[:-1]]
+        assert stepped["details"]["channels"][k - 1] == widths, k
 
 
 def test_a_method_that_broke_its_budget_is_not_resumed_as_if_it_had_kept_it(split, tmp_path, monkeypatch):

@@ -1439,7 +1439,11 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
                         "stepping_config": {k: getattr(config, k) for k in ("iterations", "batches_per_iteration",
                                                                                "lr", "distillation",
                                                                                *CONSTRUCTION_OPTIONS[:6], "fc_floor",
+                                                                               "min_channels", "min_width",
                                                                                "retrain_tag_update")},
+                        # per subnet, the channels of each tag group it computes (as slimmable's "channels")
+                        "channels": [[int((net.net.tags(g) <= i).sum()) for g in range(net.net.num_groups)]
+                                     for i in range(1, net.num_subnets + 1)],
                         "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
     return net
 
