@@ -979,3 +979,30 @@ def test_min_width_keeps_a_share_of_every_layer_in_subnet_1():
         subnet_1_channels(0.5, budgets=(0.3, 0.6, 0.9))
     with pytest.raises(ValueError, match="min_width must be a number in"):
         SteppingConfig(min_width=1.0)
+
+
+def test_increment_width_floors_every_layer_of_every_increment_and_is_checked_up_front():
+    """increment_width: a subnet's own channels of any layer, convolutions too, do not move on below
+    ceil(increment_width x width); floors that alone break a budget are refused before training."""
+    from dyninfer.methods.stepping import increment_floors
+
+    net = TaggedSequential(toy_model(), 3, SHAPE)
+    floors = increment_floors(net, 0.0, 0.2)
+    assert floors == [2, 2, 3]  # ceil(0.2 x 6, 0.2 x 8, 0.2 x 12): convolutions included
+    assert increment_floors(net, 0.5, 0.2) == [2, 2, 3] and increment_floors(net, 1.0, 0.0) == [0, 0, 4]
+    for g in range(net.num_groups):  # tag 2 holds every channel
+        net.set_tags(g, torch.arange(net.group_widths[g]), 2)
+    scores = [torch.rand(net.group_widths[g]) for g in range(net.num_groups)]
+    unfloored = copy.deepcopy(net)
+    move_neurons(net, scores, subnet=2, amount=float("inf"), floors=floors)
+    move_neurons(unfloored, scores, subnet=2, amount=float("inf"))
+    assert [int((net.tags(g) == 2).sum()) for g in range(3)] == [2, 2, 3]
+    assert [int((unfloored.tags(g) == 2).sum()) for g in range(3)] == [1, 1, 1]
+
+    model, data = toy_model(), synthetic_set()
+    full = TaggedSequential(copy.deepcopy(model), 1, SHAPE).subnet_macs(subnet=1)
+    cfg = SteppingConfig(iterations=8, batches_per_iteration=2, batch_size=32, importance_batches=1, progress=False,
+                         increment_width=0.2)
+    # subnets 1 and 2 need [2, 2, 3] and [4, 4, 6] channels: 0.164 and 0.383 of the MACs at least
+    with pytest.raises(ValueError, match=r"increment_width=0.2: \[2, 2, 3\] .* keep subnet\(s\) \[2\] at \[0\.38"):
+        construct(model, data, [0.35, 0.37, 0.9], cfg, reference_macs=full)

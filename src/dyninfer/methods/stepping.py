@@ -117,6 +117,13 @@ class SteppingConfig:
     # with conv1, while min_channels=1 let subnet 1 hang on one conv2 channel whose ReLU died. 0 (off)
     # is the paper's rule and the default.
     min_width: float = 0.0
+    # Beyond the paper: every subnet's increment (tag 1..N) keeps ceil(increment_width x width)
+    # channels of every layer, convolutions included, through the moves and the fill-back (fc_floor
+    # floors only fully connected layers). Without it an increment can spend its budget on conv1
+    # channels that reach the logits through one conv2 channel (LeNet-5 x2 / CIFAR-10 with
+    # min_width=0.08: subnet 2 added 2 conv1, 1 conv2 and 3 fc2 channels and gained 3.5 points).
+    # 0 (off) is the paper's rule and the default.
+    increment_width: float = 0.0
     # Beyond the paper: every subnet's increment keeps at least ceil(fc_floor x width / N) neurons
     # of each fully connected layer, through the moves and the fill-back. Without it the last
     # increment of LeNet-5 x2 / CIFAR-10 kept 1 fc1 and 1 fc2 neuron in 6 of 7 runs (fc neurons
@@ -176,9 +183,10 @@ class SteppingConfig:
             raise ValueError(f"retrain_warmup_epochs must be a number >= 0, got {self.retrain_warmup_epochs!r}")
         if isinstance(self.fc_floor, bool) or not isinstance(self.fc_floor, (int, float)) or not 0 <= self.fc_floor <= 1:
             raise ValueError(f"fc_floor must be a number in [0, 1], got {self.fc_floor!r}")
-        if (isinstance(self.min_width, bool) or not isinstance(self.min_width, (int, float))
-                or not 0 <= self.min_width < 1):
-            raise ValueError(f"min_width must be a number in [0, 1), got {self.min_width!r}")
+        for name in ("min_width", "increment_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
     def construction_lr(self, step: int, total: int) -> float:
         """Learning rate of construction step ``step`` of ``total`` (a pure function: resumable)."""
@@ -507,12 +515,14 @@ WINDOW = 8  # how far down the importance order the last unit of a round may be 
 MOVE_SHARE = 0.75
 
 
-def increment_floors(net: TaggedNet, share: float) -> list[int]:
+def increment_floors(net: TaggedNet, share: float, width_share: float = 0.0) -> list[int]:
     """Per tag group, the fewest channels each increment (tag 1..N) keeps: ceil(share x width / N)
-    for fully connected groups (every writer has one output position), 0 for convolutions."""
+    for fully connected groups (every writer has one output position), 0 for convolutions; and
+    ceil(width_share x width) for every group where that is more."""
     n = net.num_subnets
-    return [math.ceil(share * width / n) if share > 0 and all(net.out_positions[i] == 1 for i in net.group_layers(g))
-            else 0 for g, width in enumerate(net.group_widths)]
+    fc = [math.ceil(share * width / n) if share > 0 and all(net.out_positions[i] == 1 for i in net.group_layers(g))
+          else 0 for g, width in enumerate(net.group_widths)]
+    return [max(f, math.ceil(width_share * width)) for f, width in zip(fc, net.group_widths)]
 
 
 def subnet_floors(net: TaggedNet, min_channels: int, min_width: float = 0.0) -> list[int]:
@@ -521,15 +531,21 @@ def subnet_floors(net: TaggedNet, min_channels: int, min_width: float = 0.0) -> 
     return [min(width, max(min_channels, math.ceil(min_width * width))) for width in net.group_widths]
 
 
-def _floor_macs(net: TaggedNet, floors: Sequence[int]) -> int:
-    """Subnet 1's MACs if every tag group kept only its floor of channels, all weights live:
-    the least the construction's floors let subnet 1 cost (pruning inside it aside)."""
+def _floor_macs(net: TaggedNet, first: Sequence[int], increments: Sequence[int] | None = None) -> list[int]:
+    """Every subnet's MACs if subnet 1 kept only ``first`` channels per tag group and every later
+    increment only ``increments``, all weights live: the least the construction's floors let
+    each subnet cost (pruning inside it aside)."""
     probe = copy.deepcopy(net)
-    for g, floor in enumerate(floors):
-        tags = torch.full_like(probe.tags(g), probe.num_subnets + 1)
-        tags[:floor] = 1
+    n = probe.num_subnets
+    increments = increments or [0] * probe.num_groups
+    for g in range(probe.num_groups):
+        tags = torch.full_like(probe.tags(g), n + 1)
+        start = 0
+        for i, count in enumerate([max(first[g], increments[g])] + [increments[g]] * (n - 1), start=1):
+            tags[start:start + count] = i
+            start += count
         probe.tags(g).copy_(tags)
-    return probe.macs_per_subnet()[0]
+    return probe.macs_per_subnet()
 
 
 def _per_group(net: TaggedNet, min_channels: int | Sequence[int]) -> list[int]:
@@ -960,7 +976,8 @@ reference_macs_of = original_macs  # the name this module has exported since it 
 CONSTRUCTION_FIELDS = ("alpha_growth", "beta", "iterations", "batches_per_iteration", "prune_threshold", "schedule",
                        "suppression", "importance_batches", "normalize_importance", "unmeasured", "quota",
                        "fill_back", "granularity", "lr_schedule", "importance_of", "decay_per_subnet",
-                       "min_channels", "min_width", "fc_floor", "batch_size", "lr", "momentum", "weight_decay", "seed")
+                       "min_channels", "min_width", "increment_width", "fc_floor", "batch_size",
+                       "lr", "momentum", "weight_decay", "seed")
 RETRAIN_FIELDS = ("beta", "gamma", "temperature", "schedule", "suppression", "distillation", "decay_per_subnet",
                   "batch_size", "momentum", "weight_decay", "retrain_lr", "retrain_warmup_epochs",
                   "retrain_tag_update", "seed")
@@ -989,12 +1006,21 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
     net = TaggedNet(copy.deepcopy(model), len(budgets), input_shape)
     limits = [b * reference for b in budgets]
     least = subnet_floors(net, cfg.min_channels, cfg.min_width)
-    floor = _floor_macs(net, least)
+    floor = _floor_macs(net, least)[0]
     if floor > limits[0]:  # before any training: the floor alone breaks subnet 1's budget
         rule = f"min_channels={cfg.min_channels}" + (f" and min_width={cfg.min_width}" if cfg.min_width else "")
         raise ValueError(f"{rule} {'keep' if cfg.min_width else 'keeps'} subnet 1 at {floor / reference:.4f} of the "
-                         f"reference MACs or more ({least} channels per layer, their weights live), above its budget {budgets[0]}; "
-                         f"lower {'them' if cfg.min_width else 'min_channels'} or raise the first budget")
+                         f"reference MACs or more ({least} channels per layer, their weights live), above its "
+                         f"budget {budgets[0]}; lower {'them' if cfg.min_width else 'min_channels'} or raise the "
+                         f"first budget")
+    increments = increment_floors(net, cfg.fc_floor, cfg.increment_width)
+    floors = _floor_macs(net, least, increments)
+    broken = [i for i, (m, lim) in enumerate(zip(floors, limits), start=1) if m > lim]
+    if broken:
+        raise ValueError(f"the increment floors (fc_floor={cfg.fc_floor}, increment_width={cfg.increment_width}: "
+                         f"{increments} channels per layer and increment) keep subnet(s) {broken} at "
+                         f"{[round(floors[i - 1] / reference, 4) for i in broken]} of the reference MACs or more, "
+                         f"above their budgets {[budgets[i - 1] for i in broken]}; lower them or raise the budgets")
     optimizer = make_optimizer(net, cfg.lr, cfg)
     origin = {"reference_macs": reference, "data": _data_identity(train), "start": _fingerprint(net)}
     history = {"iterations": [], **origin, "expanded_macs": net.subnet_macs(), "construction_seconds": 0.0,
@@ -1041,7 +1067,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
             raise RuntimeError(
                 f"budgets {budgets} cannot be met: subnet MAC fractions are stuck at "
                 f"{[round(m / reference, 4) for m in net.macs_per_subnet()]} with min_channels={cfg.min_channels}"
-                + (f", min_width={cfg.min_width}" if cfg.min_width else "")
+                + "".join(f", {k}={getattr(cfg, k)}" for k in ("min_width", "increment_width", "fc_floor")
+                          if getattr(cfg, k))
                 + (f" and granularity={cfg.granularity} (channels move in units of up to {cfg.granularity}; a "
                    f"smaller granularity reaches smaller budgets)" if cfg.granularity > 1 else "")
             )
@@ -1058,7 +1085,8 @@ def construct(model: nn.Module, train: ImageSet, budgets: Sequence[float], confi
         history["promoted"] = promote_to_serving(net)
     if cfg.fill_back:
         history["fill_back"] = fill_back(net, scores, limits, cfg.granularity, measured,
-                                         floors=increment_floors(net, cfg.fc_floor), serve_own=cfg.promote)
+                                         floors=increment_floors(net, cfg.fc_floor, cfg.increment_width),
+                                         serve_own=cfg.promote)
     history.pop("carried_scores", None)
     final = net.macs_per_subnet()
     empty = [k + 1 for k in range(1, len(final)) if final[k] == final[k - 1]]
@@ -1284,7 +1312,7 @@ def _move_round(net: TaggedNet, batches, cfg: SteppingConfig, limits: list[float
     scores, measured = _scores(net, raw, cfg, carried)
     reach = measured if measured is not None else net.reachable()
     n = net.num_subnets
-    floors = increment_floors(net, cfg.fc_floor)
+    floors = increment_floors(net, cfg.fc_floor, cfg.increment_width)
     least = subnet_floors(net, cfg.min_channels, cfg.min_width)
     before = [net.tags(g).clone() for g in range(net.num_groups)]
     moved = []
@@ -1335,7 +1363,7 @@ class _StepView(ImageSet):
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                  "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True,
-                 "promote": False, "fc_floor": 0.0, "min_width": 0.0, "retrain_warmup_epochs": 0.0,
+                 "promote": False, "fc_floor": 0.0, "min_width": 0.0, "increment_width": 0.0, "retrain_warmup_epochs": 0.0,
                  "retrain_tag_update": "sum"}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
@@ -1344,7 +1372,7 @@ PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "gra
 CONSTRUCTION_OPTIONS = ("unmeasured", "quota", "fill_back", "promote", "granularity", "lr_schedule", "importance_of",
                         "normalize_importance", "decay_per_subnet",
                         "suppression", "alpha_growth", "beta", "gamma", "min_channels", "min_width",
-                        "fc_floor", "retrain_tag_update")
+                        "increment_width", "fc_floor", "retrain_tag_update")
 
 
 def _check_options(method: str, rules: dict):
@@ -1440,6 +1468,7 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
                                                                                "lr", "distillation",
                                                                                *CONSTRUCTION_OPTIONS[:6], "fc_floor",
                                                                                "min_channels", "min_width",
+                                                                               "increment_width",
                                                                                "retrain_tag_update")},
                         # per subnet, the channels of each tag group it computes (as slimmable's "channels")
                         "channels": [[int((net.net.tags(g) <= i).sum()) for g in range(net.net.num_groups)]
