@@ -111,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     stem = args.stem or f"compare_{settings['model']}_{settings['data']}"
     start = time.perf_counter()
-    record = compare.run(settings["model"], settings["data"], methods=args.methods.split(","),
-                         budgets=[float(b) for b in args.budgets.split(",")], steps=settings["steps"],
-                         batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=settings["lr"],
-                         latency_batch=settings["latency_batch"], latency_repeats=settings["latency_repeats"],
-                         data_root=args.data_root, stem=stem, progress=args.progress, command=command,
-                         options=options, teacher=teacher, teacher_name=args.teacher)
+    try:  # a bad setting is a ValueError raised before any training: say it as the CLI does
+        record = compare.run(settings["model"], settings["data"], methods=args.methods.split(","),
+                             budgets=[float(b) for b in args.budgets.split(",")], steps=settings["steps"],
+                             batch_size=settings["batch_size"], seed=args.seed, out=args.out, lr=settings["lr"],
+                             latency_batch=settings["latency_batch"], latency_repeats=settings["latency_repeats"],
+                             data_root=args.data_root, stem=stem, progress=args.progress, command=command,
+                             options=options, teacher=teacher, teacher_name=args.teacher)
+    except ValueError as err:
+        print(f"compare.py: error: {err}", file=sys.stderr)
+        return 2
     text = compare.markdown(record)
     print("\n" + text.split("## Every subnet", 1)[0].rstrip())
     print(f"\ntotal {time.perf_counter() - start:.0f} s; wrote {', '.join(record['files'])}")
