@@ -115,7 +115,11 @@ class SteppingConfig:
     # a conv1 channel is 6.35 % of the original's MACs, a conv2 channel of subnet 1 about 0.5 %), so one
     # that spares the cheap layers (min_channels=2: 2 conv2 channels) already fills subnet 1's 15 %
     # with conv1, while min_channels=1 let subnet 1 hang on one conv2 channel whose ReLU died. 0 (off)
-    # is the paper's rule and the default.
+    # is the paper's rule and the default (one seed per setting so far). Measured with increment_width
+    # below, both 0.08: Fig. 6's LeNet-5 / CIFAR-10 at 18,000 steps 53.31 / 62.71 / 71.97 / 72.60 % (10.00 /
+    # 41.30 / 66.86 / 68.49 without; benchmarks/results/compare_lenet-5_cifar10_teacher_lr001_18000*.md),
+    # Table I's 60.10 / 65.94 / 70.59 / 71.47 % (62.29 / 62.33 / 70.44 / 71.14 without;
+    # stepping_table1_lenet5_cifar10_paper_budgets_lr05_30ep{_widths,}.md).
     min_width: float = 0.0
     # Beyond the paper: every subnet's increment (tag 1..N) keeps ceil(increment_width x width)
     # channels of every layer, convolutions included, through the moves and the fill-back (fc_floor
@@ -558,8 +562,8 @@ def _per_group(net: TaggedNet, min_channels: int | Sequence[int]) -> list[int]:
 
 
 def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount: float,
-                 min_channels: int | Sequence[int] = 1, *, measured: list[torch.Tensor] | None = None, granularity: int = 1,
-                 exact: bool = True, floors: Sequence[int] | None = None) -> tuple[int, float]:
+                 min_channels: int | Sequence[int] = 1, *, measured: list[torch.Tensor] | None = None,
+                 granularity: int = 1, exact: bool = True, floors: Sequence[int] | None = None) -> tuple[int, float]:
     """Move the least important channels of tag ``subnet`` to ``subnet + 1`` until the MACs they
     take out of the subnet reach ``amount``. Returns (channels moved, estimated MACs saved).
 
@@ -581,8 +585,8 @@ def move_neurons(net: TaggedNet, scores: list[torch.Tensor], subnet: int, amount
     chosen: list[_Unit] = []
     saved = 0.0
     while saved < amount:
-        # every subnet keeps min_channels channels per group: it must stay connected; and its
-        # increment keeps its floor of each fully connected group
+        # every subnet keeps its min_channels per group: it must stay connected; and its
+        # increment keeps its floor of each group (fc_floor, increment_width)
         units = [u for u in units if kept[u.group] - len(u.channels) >= least[u.group]
                  and own[u.group] - len(u.channels) >= floors[u.group]]
         if not units:
@@ -1363,8 +1367,8 @@ class _StepView(ImageSet):
 # loaded (and retrained) that way.
 BEFORE_FIELDS = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                  "lr_schedule": "constant", "importance_of": "output", "decay_per_subnet": True,
-                 "promote": False, "fc_floor": 0.0, "min_width": 0.0, "increment_width": 0.0, "retrain_warmup_epochs": 0.0,
-                 "retrain_tag_update": "sum"}
+                 "promote": False, "fc_floor": 0.0, "min_width": 0.0, "increment_width": 0.0,
+                 "retrain_warmup_epochs": 0.0, "retrain_tag_update": "sum"}
 # The paper's construction rules (Section III), for ablations against ours.
 PAPER_RULES = {"unmeasured": "paper", "quota": "paper", "fill_back": False, "granularity": 1,
                "lr_schedule": "constant"}
