@@ -117,7 +117,8 @@ class SteppingConfig:
     # with conv1, while min_channels=1 let subnet 1 hang on one conv2 channel whose ReLU died. 0 (off)
     # is the paper's rule and the default (one seed per setting so far). Measured with increment_width
     # below, both 0.08: Fig. 6's LeNet-5 / CIFAR-10 at 18,000 steps 53.31 / 62.71 / 71.97 / 72.60 % (10.00 /
-    # 41.30 / 66.86 / 68.49 without; benchmarks/results/compare_lenet-5_cifar10_teacher_lr001_18000*.md),
+    # 41.30 / 66.86 / 68.49 without, another teacher of the same recipe;
+    # benchmarks/results/compare_lenet-5_cifar10_teacher_lr001_18000*.md),
     # Table I's 60.10 / 65.94 / 70.59 / 71.47 % (62.29 / 62.33 / 70.44 / 71.14 without;
     # stepping_table1_lenet5_cifar10_paper_budgets_lr05_30ep{_widths,}.md).
     min_width: float = 0.0
