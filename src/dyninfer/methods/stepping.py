@@ -116,7 +116,8 @@ class SteppingConfig:
     # that spares the cheap layers (min_channels=2: 2 conv2 channels) already fills subnet 1's 15 %
     # with conv1, while min_channels=1 let subnet 1 hang on one conv2 channel whose ReLU died. 0 (off)
     # is the paper's rule and the default (one seed per setting so far). Measured with increment_width
-    # below, both 0.08: Fig. 6's LeNet-5 / CIFAR-10 at 18,000 steps 53.31 / 62.71 / 71.97 / 72.60 % (10.00 /
+    # below, both 0.08: Fig. 6's LeNet-5 / CIFAR-10 at 18,000 steps 53.31 / 62.71 / 71.97 / 72.60 % (seed 1:
+    # 52.75 / 61.36 / 70.59 / 70.44; 10.00 /
     # 41.30 / 66.86 / 68.49 without, another teacher of the same recipe;
     # benchmarks/results/compare_lenet-5_cifar10_teacher_lr001_18000*.md),
     # Table I's 60.10 / 65.94 / 70.59 / 71.47 % (62.29 / 62.33 / 70.44 / 71.14 without;
