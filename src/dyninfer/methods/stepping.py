@@ -1477,7 +1477,7 @@ def _build(s: Setup, rules: dict, method: str = "stepping"):
                                                                                "increment_width",
                                                                                "retrain_tag_update")},
                         # per subnet, the channels of each tag group it computes (as slimmable's "channels")
-                        "channels": [[int((net.net.tags(g) <= i).sum()) for g in range(net.net.num_groups)]
+                        "channels": [[sum(per_tag[:i]) for per_tag in net.history["final_counts"]]
                                      for i in range(1, net.num_subnets + 1)],
                         "construction_warnings": [str(w.message) for w in caught], **steplog.as_dict()})
     return net
