@@ -47,6 +47,27 @@ class HiddenOutputs:
 RULES = ("causal", "full")
 
 
+
+def positions(keep: torch.Tensor) -> torch.Tensor | slice:
+    """Indices where the 1-D bool ``keep`` holds: a ``slice`` when they form one range (channels
+    in tag order, :meth:`TaggedNet.order_by_tag`), so the weights, BatchNorm buffers and features
+    a subnet uses are views rather than gathered copies (and their gradients are not scattered
+    back); an index tensor otherwise."""
+    idx = torch.nonzero(keep).squeeze(1)
+    n = idx.numel()
+    if n == 0:
+        return slice(0, 0)
+    first = int(idx[0])
+    return slice(first, first + n) if int(idx[-1]) - first == n - 1 else idx
+
+
+def as_index(rows: torch.Tensor | slice, device: torch.device | None = None) -> torch.Tensor:
+    """``rows`` (from :func:`positions`) as an index tensor."""
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
+
+
 class SwitchableBatchNorm(nn.Module):
     """One BatchNorm per subnet (slimmable networks): ``choices[k - 1]`` normalises subnet k.
 
@@ -338,15 +359,20 @@ class TaggedNet(nn.Module):
             return torch.ones(self._weight(layer).shape[:2], dtype=torch.bool, device=in_tags.device)
         return in_tags.unsqueeze(0) <= self.layer_tags(layer).unsqueeze(1)
 
+    def _conn_slice(self, layer: int, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+        """``connectivity(layer)[rows][:, cols]``, shaped to broadcast over the weight's kernel."""
+        in_tags = self.input_tags(layer)[cols]
+        out_tags = self.layer_tags(layer) if rows is None else self.layer_tags(layer)[rows]
+        conn = in_tags.unsqueeze(0) <= out_tags.unsqueeze(1)
+        return conn.view(*conn.shape, *([1] * (self._weight(layer).dim() - 2)))
+
     def _mask_slice(self, layer: int, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
         """``weight_mask(layer)[rows][:, cols]`` without building the whole mask."""
         alive = self.alive(layer)
         alive = alive[:, cols] if rows is None else alive[rows][:, cols]
         if layer == self.num_hidden or self.rule == "full":
             return alive
-        in_tags = self.input_tags(layer)[cols]
-        conn = in_tags.unsqueeze(0) <= self.layer_tags(layer)[rows].unsqueeze(1)
-        return alive & conn.view(*conn.shape, *([1] * (alive.dim() - 2)))
+        return alive & self._conn_slice(layer, rows, cols)
 
     def weight_mask(self, layer: int) -> torch.Tensor:
         """Causal rule and pruning together, shaped like the layer's weight."""
@@ -499,24 +525,23 @@ class TaggedNet(nn.Module):
 
     def _effective_weight(self, layer: int, straight_through: bool, rows: torch.Tensor | None,
                           cols: torch.Tensor) -> torch.Tensor:
-        """The weight block of ``rows`` (None: all) x ``cols`` with the rule and pruning applied."""
+        """The weight block of ``rows`` (None: all) x ``cols`` with the rule and pruning applied.
+
+        The block is sliced first and masked after: nothing outside it reaches the subnet's
+        output or receives a gradient, so masking the whole (width-expanded) weight would only
+        cost time.
+        """
         weight = self._weight(layer)
-        if self.rule == "full":  # slice first: the block is all a subnet touches
-            weight = weight[:, cols] if rows is None else weight[rows][:, cols]
-            mask = self._mask_slice(layer, rows, cols)
-            if straight_through and self.training:
-                return weight - (weight * ~mask).detach()
+        weight = weight[:, cols] if rows is None else weight[rows][:, cols]
+        mask = self._mask_slice(layer, rows, cols)
+        if not (straight_through and self.training):
             return weight * mask
-        mask = self.weight_mask(layer)
-        if straight_through and self.training:
-            # value: masked weight; gradient: reaches every causally allowed dense weight, so
-            # pruned weights keep learning until they are revived.
-            conn = self.connectivity(layer)
-            conn = conn.view(*conn.shape, *([1] * (weight.dim() - 2)))
-            weight = weight * conn - (weight * (conn & ~mask)).detach()
-        else:
-            weight = weight * mask
-        return weight[:, cols] if rows is None else weight[rows][:, cols]
+        if self.rule == "full" or layer == self.num_hidden:  # every connection of the block is allowed
+            return weight - (weight * ~mask).detach()
+        # value: masked weight; gradient: reaches every causally allowed weight, so pruned
+        # weights keep learning until they are revived.
+        conn = self._conn_slice(layer, rows, cols)
+        return weight * conn - (weight * (conn & ~mask)).detach()
 
     def _hidden(self, x: torch.Tensor, subnet: int, straight_through: bool, keep: bool, stop: int | None = None,
                 taps: dict | None = None):
@@ -535,11 +560,11 @@ class TaggedNet(nn.Module):
                 active.append(None)  # type: ignore[arg-type]
                 continue
             if node.op == "input":
-                out, cols = x, torch.arange(x.shape[1], device=x.device)
+                out, cols = x, slice(0, x.shape[1])
             elif node.op == "layer":
                 i = node.index
                 layer = self.layers[i]
-                rows = torch.nonzero(self.layer_tags(i) <= subnet).squeeze(1)
+                rows = positions(self.layer_tags(i) <= subnet)
                 weight = self._effective_weight(i, straight_through, rows, active[src])
                 bias = layer.bias[rows] if layer.bias is not None else None
                 if isinstance(layer, nn.Conv2d):
@@ -548,15 +573,18 @@ class TaggedNet(nn.Module):
                     out = F.linear(vals[src], weight, bias)
                 out = self._norm(self.norm_of(i, subnet), out, rows)
                 if keep:
-                    preacts[i], row_list[i] = out, rows
+                    preacts[i], row_list[i] = out, as_index(rows, out.device)
                 cols = rows
             elif node.op == "map":
                 out, cols = self.maps[node.index](vals[src]), active[src]
             elif node.op == "flatten":
                 out = vals[src].flatten(1)
                 repeat = self.node_repeat[j] // self.node_repeat[src]
-                base = active[src] * repeat
-                cols = (base.unsqueeze(1) + torch.arange(repeat, device=base.device)).reshape(-1)
+                base = active[src]
+                if isinstance(base, slice):
+                    cols = slice(base.start * repeat, base.stop * repeat)
+                else:
+                    cols = (base.unsqueeze(1) * repeat + torch.arange(repeat, device=base.device)).reshape(-1)
             elif node.op == "add":
                 out, cols = vals[node.args[0]] + vals[node.args[1]], active[node.args[0]]
             else:  # classifier
@@ -649,14 +677,14 @@ class TaggedNet(nn.Module):
                       bias: torch.Tensor | None) -> list[torch.Tensor]:
         logits, running = [], bias
         for k in range(1, self.num_subnets + 1):
-            sel = torch.nonzero(tags == k).squeeze(1)
+            sel = positions(tags == k)
             part = F.linear(features[:, sel], weight[:, sel])
             running = part + running if running is not None else part
             logits.append(running)
         return logits
 
     @staticmethod
-    def _norm(norm: nn.Module, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _norm(norm: nn.Module, z: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """BatchNorm restricted to ``rows``; running statistics updated only for those rows, with
         the norm's own momentum (``None``: cumulative average) and batch counter."""
         if isinstance(norm, nn.Identity):
@@ -672,7 +700,7 @@ class TaggedNet(nn.Module):
         weight = norm.weight[rows] if norm.weight is not None else None
         bias = norm.bias[rows] if norm.bias is not None else None
         out = F.batch_norm(z, mean, var, weight, bias, use_batch, momentum, norm.eps)
-        if tracking:
+        if tracking and not isinstance(rows, slice):  # a slice's buffers are views, updated in place
             with torch.no_grad():
                 norm.running_mean[rows] = mean
                 norm.running_var[rows] = var
