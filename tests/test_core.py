@@ -2,6 +2,7 @@
 residual adds tie tag groups, and on residual networks stepping equals computing from scratch,
 exports equal the library, and reported MACs equal what torch's counter sees executed."""
 
+import copy
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dyninfer as dy
 from helpers import random_tags
-from dyninfer.nn.tagged import TaggedNet, TaggedSequential, fold_module
+from dyninfer.nn.tagged import TaggedNet, TaggedSequential, fold_module, positions
 from dyninfer.runtime.compaction import compact
 
 SHAPE = (3, 16, 16)
@@ -428,3 +429,64 @@ def test_a_narrow_copy_starts_afresh_but_keeps_its_zero_pad():
     frozen = [n for n, p in dense.named_parameters() if not p.requires_grad]
     assert len(frozen) == 1 and torch.equal(dict(dense.named_parameters())[frozen[0]], before[frozen[0]])
     assert all(not torch.equal(p, before[n]) for n, p in dense.named_parameters() if p.requires_grad and p.dim() > 1)
+
+
+class _IndexCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts gathers (aten.index) and scatters (aten.index_put) that the dispatcher runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten._index_put_impl_):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, rule", [("lenet-5", "causal"), ("resnet-20", "causal"), ("lenet-5", "full")])
+def test_order_by_tag_keeps_every_subnet_and_turns_gathers_into_views(name, rule):
+    """Ordered channels compute the same logits, MACs and gradients per subnet as before, with
+    every subnet's channels a range (a slice) and far fewer gathers/scatters in a training step."""
+    torch.manual_seed(0)
+    net = TaggedNet(zoo_model(name), 3, SHAPE, rule=rule, switchable_bn=rule == "full")
+    random_tags(net, 4)
+    if name == "resnet-20":
+        net.add_exit(net.exit_candidates()[2])
+    net.prune(0.05)
+    warm(net)
+    ordered = copy.deepcopy(net)
+    perms = ordered.order_by_tag()
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms)  # the random tags were out of order
+    for g in range(net.num_groups):
+        assert torch.equal(ordered.tags(g), net.tags(g)[perms[g]])
+        assert bool((ordered.tags(g)[1:] >= ordered.tags(g)[:-1]).all())
+    assert ordered.macs_per_subnet() == net.macs_per_subnet()
+    x = torch.randn(4, *SHAPE)
+    for k in (1, 2, 3):
+        torch.testing.assert_close(ordered(x, subnet=k), net(x, subnet=k), atol=1e-5, rtol=1e-4)
+        assert all(isinstance(positions(ordered.layer_tags(i) <= k), slice) for i in range(net.num_hidden))
+    if name == "resnet-20":
+        for got, want in zip(ordered.forward_grid(x), net.forward_grid(x)):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    def train_step(model):  # one straight-through step of every subnet; returns the index ops it ran
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with _IndexCount() as counter:
+            out = model.forward_all(x, straight_through=True).logits if model.incremental else \
+                [model(x, subnet=k, straight_through=True) for k in (1, 2, 3)]
+            sum(F.cross_entropy(lg, torch.arange(4) % 10) for lg in out).backward()
+        return counter.calls
+
+    before, after = train_step(net), train_step(ordered)
+    assert after < before / 2, (before, after)
+    # the first layer reads the image: its gradient's rows are its group's channels, reordered
+    torch.testing.assert_close(ordered.layers[0].weight.grad, net.layers[0].weight.grad[perms[net.layer_group[0]]],
+                               atol=1e-5, rtol=1e-4)
+    for i in range(net.num_hidden):  # running statistics updated alike, in the new order
+        norm_a, norm_b = ordered.norm_of(i, 3), net.norm_of(i, 3)
+        if getattr(norm_a, "running_mean", None) is not None:
+            perm = perms[net.layer_group[i]]
+            torch.testing.assert_close(norm_a.running_mean, norm_b.running_mean[perm])

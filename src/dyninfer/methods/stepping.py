@@ -911,6 +911,9 @@ class SteppingNet(TaggedSubnets, nn.Module):
         """
         cfg = config or self.config
         epochs = cfg.retrain_epochs if epochs is None else epochs
+        # Tags are final now: channels in tag order make every subnet's slice a view (same
+        # function; before the optimizer, whose state would otherwise be in the old order).
+        self.net.order_by_tag()
         use_teacher = None
         if cfg.distillation and teacher is not None:
             use_teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)

@@ -335,6 +335,44 @@ class TaggedNet(nn.Module):
         for i in self.group_layers(group):
             self.alive(i)[channels] = True
 
+    @torch.no_grad()
+    def order_by_tag(self) -> list[torch.Tensor]:
+        """Permute every tag group's channels so that their tags ascend (dropped channels last, ties
+        in their order): what each channel computes, its tag and pruning mask, and every subnet's
+        outputs and MACs stay the same. Subnet k's channels are then a range of every layer, which
+        :func:`positions` turns into views: a training step slices instead of gathering and
+        scattering (SteppingNet's retraining, whose tags no longer change, orders its net first).
+
+        Parameters change in place: build an optimizer after this, not before (its state would be
+        in the old order). Returns each group's permutation (new position -> old channel).
+        """
+        perms = []
+        for g in range(self.num_groups):
+            tags = self.tags(g)
+            perm = torch.sort(tags, stable=True).indices
+            perms.append(perm)
+            if torch.equal(perm, torch.arange(len(perm), device=perm.device)):
+                continue
+            tags.copy_(tags[perm])
+            for i in self.group_layers(g):
+                norm = self.norms[i]
+                bns = list(norm.choices) if isinstance(norm, SwitchableBatchNorm) else [norm]
+                rows_of = [self.layers[i].weight, self.layers[i].bias, self.alive(i)]
+                for bn in bns:
+                    rows_of += [getattr(bn, name, None) for name in ("weight", "bias", "running_mean", "running_var")]
+                for t in rows_of:
+                    if t is not None:
+                        t.copy_(t[perm])
+            for r in self.group_readers(g):
+                repeat = self.in_repeat[r]
+                cols = (perm.unsqueeze(1) * repeat + torch.arange(repeat, device=perm.device)).reshape(-1)
+                for t in (self._weight(r), self.alive(r)):
+                    t.copy_(t[:, cols])
+            for head, node in zip(self.exits, self.exit_nodes):
+                if self.node_group[node] == g:
+                    head.weight.copy_(head.weight[:, perm])
+        return perms
+
     def alive(self, layer: int) -> torch.Tensor:
         return self.alive_cls if layer == self.num_hidden else getattr(self, f"alive_{layer}")
 
