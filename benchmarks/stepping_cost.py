@@ -8,6 +8,8 @@ round on the same batches, one optimizer step of:
   * alone+KD ......... the same with the teacher's forward (FrozenTeacher, as retrain runs it) and Eq. 4
   * retrain .......... SteppingNet's joint step on the constructed net, with the teacher (Eq. 4)
   * retrain-noKD ..... the same without the teacher
+  * retrain-unordered  the retrain step on the same net with its channels shuffled out of tag order
+                       (what retraining ran before ``TaggedNet.order_by_tag``: gathers, not views)
   * construct-start .. the joint step on the width-expanded net construction starts from
   * importance ....... one batch of Eq. 1-3 scores on that expanded net (1 forward, N backwards)
 
@@ -46,6 +48,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def shuffled(net: TaggedSequential, seed: int = 0) -> TaggedSequential:
+    """A copy of ``net`` with every group's channels in a random order (the same function and tags):
+    order_by_tag sorts by random keys, then the real tags are put back in the new order."""
+    out = copy.deepcopy(net)
+    real = [out.tags(g).clone() for g in range(out.num_groups)]
+    g_rng = torch.Generator().manual_seed(seed)
+    for g in range(out.num_groups):
+        out.tags(g).copy_(torch.randperm(len(real[g]), generator=g_rng))
+    for g, perm in enumerate(out.order_by_tag()):
+        out.tags(g).copy_(real[g][perm])
+    return out
+
+
 def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
     meta = json.loads((run_dir / "run.json").read_text())
     net = SteppingNet.load(run_dir / "stepping")
@@ -61,6 +76,8 @@ def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
                                 weight_decay=cfg.weight_decay)
     stepped = copy.deepcopy(net.net).train()
     stepped_opt = make_optimizer(stepped, cfg.lr, cfg)
+    unordered = shuffled(net.net).train()
+    unordered_opt = make_optimizer(unordered, cfg.lr, cfg)
     expanded_model = dy.models.create(spec["name"], num_classes=spec["num_classes"], expansion=spec["expansion"],
                                       input_shape=tuple(spec["input_shape"]))
     start_net = TaggedSequential(expanded_model, net.num_subnets, tuple(spec["input_shape"])).train()
@@ -75,15 +92,16 @@ def probe(run_dir: Path, rounds: int, steps: int, original_runs: Path) -> dict:
         subnet_loss(alone(x), y, t, cfg).backward()
         alone_opt.step()
 
-    def stepping(x, y, with_teacher):
+    def stepping(x, y, with_teacher, model=stepped, opt=stepped_opt):
         t = teacher(x) if with_teacher else None
-        train_step(stepped, x, y, stepped_opt, cfg, t)
+        train_step(model, x, y, opt, cfg, t)
 
     cases = {
         "alone": lambda x, y: plain(x, y, False),
         "alone+KD": lambda x, y: plain(x, y, True),
         "retrain": lambda x, y: stepping(x, y, True),
         "retrain-noKD": lambda x, y: stepping(x, y, False),
+        "retrain-unordered": lambda x, y: stepping(x, y, True, unordered, unordered_opt),
         "construct-start": lambda x, y: train_step(start_net, x, y, start_opt, cfg),
         "importance": lambda x, y: importance(start_net, [(x, y)], cfg),
     }

@@ -22,8 +22,11 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    found = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "python": platform.python_version()}
+    if os.environ.get("OMP_WAIT_POLICY"):  # PASSIVE makes every small parallel op wake its threads
+        found["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
+    return found
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
